@@ -1,0 +1,207 @@
+"""Every number of the method in one place, with defaults from the SAME++ paper and public code.
+
+A configuration is a tree of dataclasses; it converts to and from plain JSON, and unknown keys are
+refused so that a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+FEATURES = ("auto", "sam", "mind")
+DEVICES = ("auto", "cpu", "cuda")
+STAGES = ("affine", "coarse", "deform", "instance")
+
+
+@dataclass
+class MatchingConfig:
+    grid_stride: int = 8  # working-grid voxels between query points in the moving image
+    cycle_rounds: int = 5  # SSCC rounds (q -> m -> q')
+    similarity_threshold: float = 0.7  # keep matches above this similarity (dot / 2 in [-1, 1])
+    # Search radius (mm) around the position predicted by the current alignment; null = whole
+    # image as in SAME. Hand-crafted features are not unique across the body and need a window.
+    search_radius_mm: float | None = None
+    chunk_memory_mb: float = 256.0  # memory for one block of the similarity matrix
+
+
+@dataclass
+class AffineConfig:
+    enabled: bool = True
+    min_matches: int = 12  # fewer reliable matches than this means the images share no anatomy
+    # Drop matches whose residual exceeds this many times the median residual and refit; 0 keeps
+    # plain least squares as in SAME.
+    outlier_factor: float = 0.0
+
+
+@dataclass
+class CoarseConfig:
+    enabled: bool = True
+    grid_divisor: int = 16  # control grid has int(working shape / divisor) nodes per axis
+    smoothness: float = 0.04  # weight of the squared finite differences of the displacement
+    iterations: int = 100
+    learning_rate: float = 0.05
+    # Search radius (mm) for fresh matches around the affine's prediction; null reuses the affine's.
+    rematch_radius_mm: float | None = None
+
+
+@dataclass
+class DeformConfig:
+    enabled: bool = True
+    weights: str | None = None  # SAM-deform network weights; the stage is skipped without them
+
+
+@dataclass
+class InstanceConfig:
+    enabled: bool = True
+    iterations: int = 50
+    learning_rate: float = 0.05
+    smoothness: float = 1000.0  # weight of the squared finite differences (normalised units)
+    smoothing_passes: int = 3  # 3x3x3 box filters applied to the displacement each step
+
+
+@dataclass
+class ExportConfig:
+    field_format: str = "nii.gz"  # displacement field file: nii.gz, nrrd, mha or h5
+    image_format: str = "nii.gz"  # warped image and labels
+
+
+@dataclass
+class RegistrationConfig:
+    features: str = "auto"  # sam, mind, or auto (SAM when weights are available, else MIND)
+    sam_weights: str | None = None  # SAM checkpoint; default: the model shipped with the library
+    device: str = "auto"  # auto, cpu, cuda or cuda:N
+    working_spacing_mm: float = 2.0
+    initialisation: str = "centroid"  # centroid (body centres aligned) or identity
+    seed: int = 0
+    matching: MatchingConfig = field(default_factory=MatchingConfig)
+    affine: AffineConfig = field(default_factory=AffineConfig)
+    coarse: CoarseConfig = field(default_factory=CoarseConfig)
+    deform: DeformConfig = field(default_factory=DeformConfig)
+    instance: InstanceConfig = field(default_factory=InstanceConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RegistrationConfig:
+        config = _build(cls, data, "")
+        config.validate()
+        return config
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> RegistrationConfig:
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError as err:
+            raise ConfigError(f"The configuration file '{path}' does not exist.") from err
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"The configuration file '{path}' is not valid JSON: {err}.") from err
+        if not isinstance(data, dict):
+            raise ConfigError(f"The configuration file '{path}' must hold a JSON object.")
+        return cls.from_dict(data)
+
+    def with_overrides(self, overrides: dict[str, Any]) -> RegistrationConfig:
+        """A copy with dotted keys replaced, e.g. ``{"coarse.iterations": 200}``."""
+        data = self.to_dict()
+        for key, value in overrides.items():
+            node = data
+            *parents, leaf = key.split(".")
+            for part in parents:
+                if not isinstance(node.get(part), dict):
+                    raise ConfigError(f"Unknown configuration key '{key}'.")
+                node = node[part]
+            if leaf not in node or isinstance(node[leaf], dict):
+                raise ConfigError(f"Unknown configuration key '{key}'.")
+            node[leaf] = value
+        return RegistrationConfig.from_dict(data)
+
+    def validate(self) -> None:
+        if self.features not in FEATURES:
+            raise ConfigError(f"features must be one of {FEATURES}, not '{self.features}'.")
+        if self.device not in DEVICES and not self.device.startswith("cuda:"):
+            raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, not '{self.device}'.")
+        if self.initialisation not in ("centroid", "identity"):
+            raise ConfigError("initialisation must be 'centroid' or 'identity'.")
+        if not 0.25 <= self.working_spacing_mm <= 20:
+            raise ConfigError("working_spacing_mm must lie between 0.25 and 20 mm.")
+        if not -1.0 <= self.matching.similarity_threshold < 1.0:
+            raise ConfigError("matching.similarity_threshold must lie in [-1, 1).")
+        positive = {
+            "matching.grid_stride": self.matching.grid_stride,
+            "matching.cycle_rounds": self.matching.cycle_rounds,
+            "matching.chunk_memory_mb": self.matching.chunk_memory_mb,
+            "coarse.grid_divisor": self.coarse.grid_divisor,
+            "affine.min_matches": self.affine.min_matches,
+        }
+        for name, value in positive.items():
+            if value <= 0:
+                raise ConfigError(f"{name} must be positive, not {value}.")
+        non_negative = {
+            "coarse.iterations": self.coarse.iterations,
+            "coarse.smoothness": self.coarse.smoothness,
+            "instance.iterations": self.instance.iterations,
+            "instance.smoothness": self.instance.smoothness,
+            "instance.smoothing_passes": self.instance.smoothing_passes,
+            "affine.outlier_factor": self.affine.outlier_factor,
+        }
+        for name, value in non_negative.items():
+            if value < 0:
+                raise ConfigError(f"{name} must not be negative, not {value}.")
+        for name, radius in (
+            ("matching.search_radius_mm", self.matching.search_radius_mm),
+            ("coarse.rematch_radius_mm", self.coarse.rematch_radius_mm),
+        ):
+            if radius is not None and (not isinstance(radius, int | float) or radius <= 0):
+                raise ConfigError(f"{name} must be a positive number of mm or null.")
+        if self.export.field_format not in ("nii.gz", "nrrd", "mha", "h5"):
+            raise ConfigError("export.field_format must be nii.gz, nrrd, mha or h5.")
+        if self.export.image_format not in ("nii.gz", "nrrd", "mha"):
+            raise ConfigError("export.image_format must be nii.gz, nrrd or mha.")
+
+    def stage_enabled(self, stage: str) -> bool:
+        return getattr(self, stage).enabled
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"'{prefix.rstrip('.')}' must be a JSON object.")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"Unknown configuration key(s) {', '.join(prefix + k for k in unknown)}; valid keys "
+            f"here are {', '.join(prefix + k for k in fields)}."
+        )
+    values = {}
+    for name, value in data.items():
+        default = getattr(cls(), name)
+        if dataclasses.is_dataclass(default):
+            values[name] = _build(type(default), value, f"{prefix}{name}.")
+        else:
+            values[name] = _coerce(value, default, prefix + name)
+    return cls(**values)
+
+
+def _coerce(value: Any, default: Any, name: str) -> Any:
+    """Accept JSON numbers for numeric fields and refuse values of the wrong kind."""
+    if value is None or default is None:
+        return value
+    is_number = isinstance(value, int | float) and not isinstance(value, bool)
+    if isinstance(default, bool) and isinstance(value, bool):
+        return value
+    if isinstance(default, float) and is_number:
+        return float(value)
+    if isinstance(default, int) and not isinstance(default, bool) and is_number:
+        if float(value).is_integer():
+            return int(value)
+    if isinstance(default, str) and isinstance(value, str):
+        return value
+    raise ConfigError(f"{name} must be a {type(default).__name__}, not {value!r}.")

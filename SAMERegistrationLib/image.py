@@ -1,0 +1,188 @@
+"""Reading, checking and resampling CT images and label maps.
+
+Images stay SimpleITK images (which keep spacing, origin and any oblique direction) until they are
+resampled onto the working grid: an axis-aligned, isotropic LPS grid cropped to the body, the layout
+the SAM network was trained on.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from .errors import InputError
+from .grid import Grid, axis_aligned_grid_covering
+
+log = logging.getLogger(__name__)
+
+AIR_HU = -1024.0
+BODY_THRESHOLD_HU = -500.0
+MIN_SIZE = 8  # voxels per axis on the working grid; smaller volumes cannot be registered in 3-D
+
+ImageLike = str | os.PathLike | sitk.Image
+
+
+def read_image(source: ImageLike, what: str = "image") -> sitk.Image:
+    """Read a 3-D image from a file SimpleITK reads, or a folder holding one DICOM series."""
+    if isinstance(source, sitk.Image):
+        return source
+    path = Path(source)
+    if not path.exists():
+        raise InputError(f"The {what} '{path}' does not exist. Check the path.")
+    try:
+        if path.is_dir():
+            return _read_dicom_folder(path, what)
+        return sitk.ReadImage(str(path))
+    except RuntimeError as err:
+        reason = str(err).strip().splitlines()[-1] if str(err).strip() else "unknown reason"
+        raise InputError(
+            f"The {what} '{path}' could not be read as an image ({reason}). Give a NIfTI, NRRD, "
+            "MHA or other file SimpleITK reads, or a folder holding one DICOM series."
+        ) from err
+
+
+def _read_dicom_folder(folder: Path, what: str) -> sitk.Image:
+    series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+    if not series:
+        raise InputError(
+            f"The {what} folder '{folder}' holds no DICOM series. Give an image file or a folder "
+            "of DICOM slices."
+        )
+    files = {sid: sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), sid) for sid in series}
+    chosen = max(files, key=lambda sid: len(files[sid]))
+    if len(series) > 1:
+        log.warning(
+            "%s folder %s holds %d DICOM series; using the largest (%s, %d slices).",
+            what,
+            folder,
+            len(series),
+            chosen,
+            len(files[chosen]),
+        )
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(files[chosen])
+    return reader.Execute()
+
+
+def describe_source(source: ImageLike) -> str:
+    return "<in-memory image>" if isinstance(source, sitk.Image) else str(source)
+
+
+def check_ct(image: sitk.Image, name: str) -> sitk.Image:
+    """Refuse images that cannot be registered; return the image as 3-D float32."""
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError(
+            f"The {name} has {image.GetNumberOfComponentsPerPixel()} components per voxel; SAME "
+            "registers scalar CT images. Convert it to a single-channel image first."
+        )
+    size = image.GetSize()
+    if image.GetDimension() != 3 or min(size) < 2:
+        raise InputError(
+            f"The {name} is {image.GetDimension()}-D with size {'x'.join(map(str, size))}; SAME "
+            "registers 3-D volumes. Give the whole 3-D scan (a volume file or a DICOM series folder)."
+        )
+    if min(size) == 0 or np.prod(size) == 0:
+        raise InputError(f"The {name} is empty (size {size}). Give a non-empty 3-D scan.")
+    image = sitk.Cast(image, sitk.sitkFloat32)
+    array = sitk.GetArrayViewFromImage(image)
+    nan_count = int(np.count_nonzero(~np.isfinite(array)))
+    if nan_count:
+        raise InputError(
+            f"The {name} has {nan_count} NaN or infinite voxels. Replace them (for example with "
+            f"{AIR_HU:g} HU, air) before registering."
+        )
+    if float(array.max()) == float(array.min()):
+        raise InputError(
+            f"The {name} is constant (every voxel is {float(array.min()):g}); there is nothing to "
+            "register. Check that the right file was given."
+        )
+    return image
+
+
+def check_labels(labels: sitk.Image, image: sitk.Image, name: str) -> sitk.Image:
+    """A label map must be integral and sit on exactly the grid of its image."""
+    if labels.GetNumberOfComponentsPerPixel() != 1 or labels.GetDimension() != 3:
+        raise InputError(f"The {name} must be a 3-D scalar label map.")
+    label_grid, image_grid = Grid.from_sitk(labels), Grid.from_sitk(image)
+    if not label_grid.matches(image_grid):
+        raise InputError(
+            f"The {name} does not lie on the grid of its image: labels {label_grid.describe()}, "
+            f"image {image_grid.describe()}. Resample the labels onto the image grid (nearest "
+            "neighbour) or give the label map made for this image."
+        )
+    array = sitk.GetArrayViewFromImage(labels)
+    if np.issubdtype(array.dtype, np.floating):
+        if not np.all(np.isfinite(array)) or not np.array_equal(array, np.round(array)):
+            raise InputError(f"The {name} has non-integer values; give an integer label map.")
+    return sitk.Cast(labels, sitk.sitkUInt16)
+
+
+@dataclass
+class WorkingImage:
+    """A CT on its working grid: HU values, a body mask, and the grid geometry."""
+
+    hu: np.ndarray  # float32 (z, y, x)
+    body: np.ndarray  # bool (z, y, x)
+    grid: Grid
+
+
+def to_working_grid(image: sitk.Image, spacing: float, margin_mm: float = 8.0) -> WorkingImage:
+    """Resample onto an axis-aligned isotropic grid and crop it to the body (plus a margin)."""
+    full = axis_aligned_grid_covering(Grid.from_sitk(image).corners(), spacing)
+    hu = resample_array(image, full, sitk.sitkLinear, AIR_HU)
+    body = body_mask(hu)
+    if not body.any():
+        raise InputError(
+            f"No body (voxels above {BODY_THRESHOLD_HU:g} HU) was found in the image on a {spacing:g} "
+            "mm grid. SAME expects CT in Hounsfield units; check the image and its intensity scale."
+        )
+    margin = int(np.ceil(margin_mm / spacing))
+    nonzero = np.nonzero(body)
+    start = tuple(max(int(ax.min()) - margin, 0) for ax in nonzero)
+    stop = tuple(min(int(ax.max()) + margin + 1, n) for ax, n in zip(nonzero, body.shape))
+    crop = tuple(slice(a, b) for a, b in zip(start, stop))
+    grid = full.crop(start, stop)
+    if min(grid.shape) < MIN_SIZE:
+        raise InputError(
+            f"The body in the image spans only {'x'.join(map(str, grid.size_xyz))} voxels on the "
+            f"{spacing:g} mm working grid; at least {MIN_SIZE} are needed along each axis. Use a "
+            "finer working spacing or a larger scan."
+        )
+    return WorkingImage(np.ascontiguousarray(hu[crop]), np.ascontiguousarray(body[crop]), grid)
+
+
+def resample_array(
+    image: sitk.Image, grid: Grid, interpolator: int, default: float, transform=None
+) -> np.ndarray:
+    """Values of ``image`` at the voxel centres of ``grid`` (optionally through a transform)."""
+    transform = transform if transform is not None else sitk.Transform()
+    out = sitk.Resample(image, grid.reference_image(), transform, interpolator, default)
+    return sitk.GetArrayFromImage(out)
+
+
+def body_mask(hu: np.ndarray) -> np.ndarray:
+    """The patient body: the largest component above -500 HU, closed and hole-filled."""
+    mask = sitk.GetImageFromArray((hu > BODY_THRESHOLD_HU).astype(np.uint8))
+    if not sitk.GetArrayViewFromImage(mask).any():
+        return np.zeros(hu.shape, dtype=bool)
+    components = sitk.RelabelComponent(sitk.ConnectedComponent(mask), sortByObjectSize=True)
+    largest = components == 1
+    closed = sitk.BinaryMorphologicalClosing(largest, [2, 2, 2])
+    filled = sitk.BinaryFillhole(closed)
+    return sitk.GetArrayFromImage(filled).astype(bool)
+
+
+def sam_intensity(hu: np.ndarray, body: np.ndarray) -> np.ndarray:
+    """SAM's input scaling: HU clipped to [-1024, 3071], mapped to [0, 255], minus 50; air outside."""
+    scaled = (np.clip(hu, -1024.0, 3071.0) + 1024.0) * (255.0 / 4095.0) - 50.0
+    return np.where(body, scaled, -50.0).astype(np.float32)
+
+
+def window_intensity(hu: np.ndarray, low: float = -800.0, high: float = 400.0) -> np.ndarray:
+    """HU window mapped to [-1, 1] (the soft-tissue channel SAME feeds intensity losses)."""
+    return ((np.clip(hu, low, high) - low) / (high - low) * 2.0 - 1.0).astype(np.float32)

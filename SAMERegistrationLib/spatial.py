@@ -1,0 +1,117 @@
+"""Dense transforms on axis-aligned grids, in torch.
+
+A dense displacement ``u`` is a (1, 3, D, H, W) tensor in LPS millimetres with channels in (x, y, z)
+order, sampled on an axis-aligned grid of the fixed image. It maps a fixed point ``p`` to
+``p + u(p)`` (the pull/resampling direction, fixed -> moving). Sampling uses ``grid_sample`` with
+``align_corners=True``: normalised -1 and +1 are the first and last voxel centres, as in ITK.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .grid import Grid
+
+
+def _require_axis_aligned(grid: Grid) -> None:
+    if not grid.is_axis_aligned:
+        raise ValueError("dense fields live on axis-aligned working grids only")
+
+
+def physical_to_normalized(points: torch.Tensor, grid: Grid) -> torch.Tensor:
+    """LPS mm (..., 3) -> grid_sample coordinates (..., 3) in (x, y, z) order, align_corners=True."""
+    _require_axis_aligned(grid)
+    origin = points.new_tensor(grid.origin)
+    spacing = points.new_tensor(grid.spacing)
+    last = points.new_tensor([max(n - 1, 1) for n in grid.size_xyz])
+    return (points - origin) / spacing / last * 2.0 - 1.0
+
+
+def normalized_scale(grid: Grid) -> torch.Tensor:
+    """mm per normalised unit along (x, y, z): half the extent of the grid."""
+    return torch.tensor(
+        [max(n - 1, 1) * s / 2.0 for n, s in zip(grid.size_xyz, grid.spacing)], dtype=torch.float32
+    )
+
+
+def voxel_points(grid: Grid, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Physical position of every voxel centre, (1, D, H, W, 3), float32 (x, y, z)."""
+    _require_axis_aligned(grid)
+    axes = [
+        torch.arange(n, dtype=torch.float32, device=device) * s + o
+        for n, s, o in zip(grid.shape, grid.spacing[::-1], grid.origin[::-1])
+    ]
+    z, y, x = torch.meshgrid(*axes, indexing="ij")
+    return torch.stack([x, y, z], dim=-1)[None]
+
+
+def sample(volume: torch.Tensor, grid: Grid, points: torch.Tensor, mode: str = "bilinear"):
+    """Sample a (1, C, D, H, W) volume on ``grid`` at physical points (1, ..., 3) -> (1, C, ...).
+
+    Points outside the grid take the value at the nearest border voxel.
+    """
+    shape = points.shape[1:-1]
+    norm = physical_to_normalized(points, grid).reshape(1, -1, 1, 1, 3)
+    out = F.grid_sample(volume, norm, mode=mode, padding_mode="border", align_corners=True)
+    return out.reshape(1, volume.shape[1], *shape)
+
+
+def sample_points(volume: torch.Tensor, grid: Grid, points: torch.Tensor) -> torch.Tensor:
+    """Sample a (1, C, D, H, W) volume at (N, 3) physical points -> (N, C)."""
+    return sample(volume, grid, points[None])[0].T
+
+
+def apply_affine(matrix: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+    """Apply a 4x4 homogeneous matrix to (..., 3) points."""
+    return points @ matrix[:3, :3].T + matrix[:3, 3]
+
+
+def resample_field(field: torch.Tensor, source: Grid, target: Grid) -> torch.Tensor:
+    """A displacement field re-sampled (trilinear, border) on another grid."""
+    return sample(field, source, voxel_points(target, field.device))
+
+
+def compose(outer: torch.Tensor, inner: torch.Tensor, grid: Grid) -> torch.Tensor:
+    """Displacement of ``(id + outer) o (id + inner)``: u(p) = inner(p) + outer(p + inner(p))."""
+    points = voxel_points(grid, inner.device) + inner.permute(0, 2, 3, 4, 1)
+    return inner + sample(outer, grid, points)
+
+
+def integrate_velocity(velocity: torch.Tensor, grid: Grid, steps: int = 7) -> torch.Tensor:
+    """Scaling and squaring: the displacement of exp(v) for a stationary velocity field (mm)."""
+    disp = velocity / (2.0**steps)
+    for _ in range(steps):
+        disp = compose(disp, disp, grid)
+    return disp
+
+
+def jacobian_determinant(field: torch.Tensor, grid: Grid) -> torch.Tensor:
+    """det(I + grad u) by central differences (one-sided at the borders), (D, H, W)."""
+    u = field[0].double()
+    grads = []
+    for dim, spacing in zip((3, 2, 1), grid.spacing):  # d/dx, d/dy, d/dz over (z, y, x) axes
+        if u.shape[dim] < 2:
+            grads.append(torch.zeros_like(u))
+        else:
+            grads.append(torch.gradient(u, spacing=spacing, dim=dim)[0])
+    jac = torch.stack(grads, dim=-1)  # (3 components, D, H, W, 3 derivatives)
+    jac = jac.permute(1, 2, 3, 0, 4) + torch.eye(3, dtype=u.dtype, device=u.device)
+    return torch.linalg.det(jac)
+
+
+def folding_percent(field: torch.Tensor, grid: Grid, mask: np.ndarray | None = None) -> float:
+    """Share of voxels (inside ``mask`` when given) where the map folds (det J <= 0), in %."""
+    det = jacobian_determinant(field, grid).cpu().numpy()
+    if mask is not None:
+        det = det[mask]
+    return float((det <= 0).mean() * 100.0) if det.size else 0.0
+
+
+def smooth(field: torch.Tensor, passes: int, kernel: int = 3) -> torch.Tensor:
+    """Repeated box filtering (replicate borders): a cheap Gaussian-like smoother."""
+    pad = kernel // 2
+    for _ in range(passes):
+        field = F.avg_pool3d(F.pad(field, (pad,) * 6, mode="replicate"), kernel, stride=1)
+    return field

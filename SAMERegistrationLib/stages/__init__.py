@@ -1,0 +1,1 @@
+"""Registration stages: affine, coarse, deform, instance optimisation."""

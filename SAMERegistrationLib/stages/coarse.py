@@ -1,0 +1,74 @@
+"""SAM-coarse: a coarse displacement grid fitted to the matches with a smoothness penalty.
+
+The map is p -> A(p + u(p)) with u a coarse grid over the fixed working grid, optimised with Adam
+in normalised units (half the grid extent = 1) as SAME does, so its weights carry over.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from .. import spatial
+from ..config import CoarseConfig
+from ..grid import Grid
+from ..matching import Matches
+
+
+def coarse_grid(working: Grid, divisor: int) -> Grid:
+    """A grid with int(shape / divisor) nodes (at least 2) spanning the same box as ``working``."""
+    shape = tuple(max(int(n / divisor), 2) for n in working.shape)
+    extent = [(n - 1) * s for n, s in zip(working.size_xyz, working.spacing)]
+    spacing = tuple(e / (n - 1) for e, n in zip(extent, shape[::-1]))
+    return Grid(shape, spacing, working.origin, working.direction)
+
+
+def fit_coarse(
+    matches: Matches,
+    affine: np.ndarray,
+    working: Grid,
+    config: CoarseConfig,
+    device: torch.device,
+    step: Callable[[int, int, float], None] | None = None,
+) -> tuple[torch.Tensor, Grid, dict]:
+    """Fit the coarse displacement (mm, on the returned coarse grid) to the matched points."""
+    grid = coarse_grid(working, config.grid_divisor)
+    scale = spatial.normalized_scale(working).to(device)
+    fixed = torch.as_tensor(matches.fixed, dtype=torch.float32, device=device)
+    target = torch.as_tensor(matches.moving, dtype=torch.float32, device=device)
+    matrix = torch.as_tensor(affine, dtype=torch.float32, device=device)
+    disp = torch.zeros((1, 3, *grid.shape), device=device, requires_grad=True)
+    optimiser = torch.optim.Adam([disp], lr=config.learning_rate)
+    initial = _point_error(matrix, fixed, target, scale, grid, disp.detach())
+    for it in range(config.iterations):
+        optimiser.zero_grad()
+        error = _point_error(matrix, fixed, target, scale, grid, disp)
+        loss = error + config.smoothness * _roughness(disp)
+        loss.backward()
+        optimiser.step()
+        if step:
+            step(it + 1, config.iterations, loss.item())
+    final = _point_error(matrix, fixed, target, scale, grid, disp.detach())
+    info = {
+        "grid_size_xyz": list(grid.size_xyz),
+        "point_error_before": float(initial),
+        "point_error_after": float(final),
+    }
+    return disp.detach() * scale.view(1, 3, 1, 1, 1), grid, info
+
+
+def _point_error(matrix, fixed, target, scale, grid, disp_normalised) -> torch.Tensor:
+    disp_mm = spatial.sample_points(disp_normalised, grid, fixed) * scale
+    predicted = spatial.apply_affine(matrix, fixed + disp_mm)
+    return (((predicted - target) / scale) ** 2).sum(dim=1).mean()
+
+
+def _roughness(disp: torch.Tensor) -> torch.Tensor:
+    """Mean squared finite differences along each axis, summed over axes."""
+    total = disp.new_zeros(())
+    for dim in (2, 3, 4):
+        if disp.shape[dim] > 1:
+            total = total + disp.diff(dim=dim).pow(2).mean()
+    return total
