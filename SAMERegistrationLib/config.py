@@ -37,6 +37,8 @@ class AffineConfig:
     # Drop matches whose residual exceeds this many times the median residual and refit; 0 keeps
     # plain least squares as in SAME.
     outlier_factor: float = 0.0
+    # Further passes: re-match within each radius (mm) around the current affine and refit.
+    refine_radii_mm: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -63,6 +65,7 @@ class InstanceConfig:
     learning_rate: float = 0.05
     smoothness: float = 1000.0  # weight of the squared finite differences (normalised units)
     smoothing_passes: int = 3  # 3x3x3 box filters applied to the displacement each step
+    cost_stride: int = 1  # evaluate the similarity on every k-th fixed body voxel per axis
 
 
 @dataclass
@@ -77,7 +80,9 @@ class RegistrationConfig:
     sam_weights: str | None = None  # SAM checkpoint; default: the model shipped with the library
     device: str = "auto"  # auto, cpu, cuda or cuda:N
     working_spacing_mm: float = 2.0
-    initialisation: str = "centroid"  # centroid (body centres aligned) or identity
+    # search: FFT search for the translation that best overlays the global features;
+    # centroid: body centres on each other; identity: the scanner coordinates as they are.
+    initialisation: str = "search"
     seed: int = 0
     matching: MatchingConfig = field(default_factory=MatchingConfig)
     affine: AffineConfig = field(default_factory=AffineConfig)
@@ -128,8 +133,13 @@ class RegistrationConfig:
             raise ConfigError(f"features must be one of {FEATURES}, not '{self.features}'.")
         if self.device not in DEVICES and not self.device.startswith("cuda:"):
             raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, not '{self.device}'.")
-        if self.initialisation not in ("centroid", "identity"):
-            raise ConfigError("initialisation must be 'centroid' or 'identity'.")
+        if self.initialisation not in ("search", "centroid", "identity"):
+            raise ConfigError("initialisation must be 'search', 'centroid' or 'identity'.")
+        radii = self.affine.refine_radii_mm
+        if not isinstance(radii, list) or not all(
+            isinstance(r, int | float) and not isinstance(r, bool) and r > 0 for r in radii
+        ):
+            raise ConfigError("affine.refine_radii_mm must be a list of positive numbers (mm).")
         if not 0.25 <= self.working_spacing_mm <= 20:
             raise ConfigError("working_spacing_mm must lie between 0.25 and 20 mm.")
         if not -1.0 <= self.matching.similarity_threshold < 1.0:
@@ -140,6 +150,7 @@ class RegistrationConfig:
             "matching.chunk_memory_mb": self.matching.chunk_memory_mb,
             "coarse.grid_divisor": self.coarse.grid_divisor,
             "affine.min_matches": self.affine.min_matches,
+            "instance.cost_stride": self.instance.cost_stride,
         }
         for name, value in positive.items():
             if value <= 0:
@@ -168,6 +179,36 @@ class RegistrationConfig:
 
     def stage_enabled(self, stage: str) -> bool:
         return getattr(self, stage).enabled
+
+    def resolved_for(self, features: str) -> RegistrationConfig:
+        """The configuration with the preset of ``features`` filled into keys left at default.
+
+        SAM embeddings are unique across the body, so SAME searches the whole image once. MIND-SSC
+        describes local structure only: it needs a search window around the current alignment,
+        a second pass, and fresh matches near the affine for the coarse stage.
+        """
+        preset = FEATURE_PRESETS.get(features, {})
+        generic = RegistrationConfig().to_dict()
+        current = self.to_dict()
+        changes = {}
+        for key, value in preset.items():
+            section, name = key.split(".")
+            if current[section][name] == generic[section][name]:
+                changes[key] = value
+        return self.with_overrides(changes) if changes else self
+
+
+FEATURE_PRESETS: dict[str, dict[str, Any]] = {
+    "mind": {
+        "matching.search_radius_mm": 20.0,
+        "affine.refine_radii_mm": [20.0, 10.0],
+        "coarse.rematch_radius_mm": 10.0,
+        # MIND similarity is noisier than SAM's: smaller, smoother steps avoid folding.
+        "instance.learning_rate": 0.01,
+        "instance.smoothness": 10000.0,
+        "instance.cost_stride": 2,
+    },
+}
 
 
 def _build(cls: type, data: dict[str, Any], prefix: str):
@@ -199,9 +240,10 @@ def _coerce(value: Any, default: Any, name: str) -> Any:
         return value
     if isinstance(default, float) and is_number:
         return float(value)
-    if isinstance(default, int) and not isinstance(default, bool) and is_number:
-        if float(value).is_integer():
-            return int(value)
+    if isinstance(default, int) and is_number and float(value).is_integer():
+        return int(value)
     if isinstance(default, str) and isinstance(value, str):
         return value
+    if isinstance(default, list) and isinstance(value, list):
+        return list(value)
     raise ConfigError(f"{name} must be a {type(default).__name__}, not {value!r}.")

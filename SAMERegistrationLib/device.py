@@ -20,7 +20,11 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     if not torch.cuda.is_available():
-        build = "without CUDA support" if torch.version.cuda is None else f"with CUDA {torch.version.cuda}"
+        build = (
+            "without CUDA support"
+            if torch.version.cuda is None
+            else f"with CUDA {torch.version.cuda}"
+        )
         raise DeviceError(
             f"Device '{name}' was requested, but no usable CUDA GPU was found (PyTorch "
             f"{torch.__version__} is built {build}). Use --device cpu (or auto), or install a "

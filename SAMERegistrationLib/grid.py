@@ -140,5 +140,5 @@ def axis_aligned_grid_covering(points: np.ndarray, spacing: float) -> Grid:
     """The identity-direction grid of isotropic ``spacing`` whose voxel centres cover ``points``."""
     lo = points.min(axis=0)
     hi = points.max(axis=0)
-    size_xyz = np.floor((hi - lo) / spacing + 1e-6).astype(int) + 1
+    size_xyz = np.ceil((hi - lo) / spacing - 1e-6).astype(int) + 1
     return Grid(tuple(size_xyz[::-1]), (spacing,) * 3, tuple(lo), np.eye(3))

@@ -81,13 +81,13 @@ def check_ct(image: sitk.Image, name: str) -> sitk.Image:
             "registers scalar CT images. Convert it to a single-channel image first."
         )
     size = image.GetSize()
+    if min(size) == 0:
+        raise InputError(f"The {name} is empty (size {size}). Give a non-empty 3-D scan.")
     if image.GetDimension() != 3 or min(size) < 2:
         raise InputError(
             f"The {name} is {image.GetDimension()}-D with size {'x'.join(map(str, size))}; SAME "
             "registers 3-D volumes. Give the whole 3-D scan (a volume file or a DICOM series folder)."
         )
-    if min(size) == 0 or np.prod(size) == 0:
-        raise InputError(f"The {name} is empty (size {size}). Give a non-empty 3-D scan.")
     image = sitk.Cast(image, sitk.sitkFloat32)
     array = sitk.GetArrayViewFromImage(image)
     nan_count = int(np.count_nonzero(~np.isfinite(array)))
@@ -116,9 +116,10 @@ def check_labels(labels: sitk.Image, image: sitk.Image, name: str) -> sitk.Image
             "neighbour) or give the label map made for this image."
         )
     array = sitk.GetArrayViewFromImage(labels)
-    if np.issubdtype(array.dtype, np.floating):
-        if not np.all(np.isfinite(array)) or not np.array_equal(array, np.round(array)):
-            raise InputError(f"The {name} has non-integer values; give an integer label map.")
+    if np.issubdtype(array.dtype, np.floating) and (
+        not np.all(np.isfinite(array)) or not np.array_equal(array, np.round(array))
+    ):
+        raise InputError(f"The {name} has non-integer values; give an integer label map.")
     return sitk.Cast(labels, sitk.sitkUInt16)
 
 

@@ -17,6 +17,8 @@ from .features.base import FeatureMaps
 
 log = logging.getLogger(__name__)
 
+EDGE_FRACTION = 0.8  # windowed search: drop matches farther than this share of the radius
+
 
 @dataclass
 class Matches:
@@ -56,7 +58,9 @@ class _Side:
         self.zyx = zyx
         self.shape = maps.body.shape
         self.positions_t = torch.as_tensor(self.positions, dtype=torch.float32, device=device)
-        self.nearest = np.full(len(flat_index), -1, dtype=np.int64)  # memo: best match on other side
+        self.nearest = np.full(
+            len(flat_index), -1, dtype=np.int64
+        )  # memo: best match on other side
         self.best = np.zeros(len(flat_index), dtype=np.float32)
 
 
@@ -72,17 +76,47 @@ def _search(
     todo = queries[source.nearest[queries] < 0]
     if len(todo) == 0:
         return
+    if radius_mm is None or expected is None:
+        _search_global(todo, source, target, memory_bytes)
+    else:
+        _search_windowed(todo, source, target, expected, radius_mm)
+
+
+def _search_global(todo: np.ndarray, source: _Side, target: _Side, memory_bytes: int) -> None:
     keys = target.descriptors
-    chunk = max(1, int(memory_bytes // (4 * keys.shape[0] * (2 if radius_mm else 1))))
+    chunk = max(1, int(memory_bytes // (4 * keys.shape[0])))
     for start in range(0, len(todo), chunk):
         rows = todo[start : start + chunk]
-        sim = source.descriptors[torch.as_tensor(rows)] @ keys.T
-        if radius_mm is not None and expected is not None:
-            centre = torch.as_tensor(expected[rows], dtype=torch.float32, device=keys.device)
-            far = torch.cdist(centre, target.positions_t) > radius_mm
-            sim = sim.masked_fill(far, -2.0)
-        best, index = sim.max(dim=1)
+        best, index = (source.descriptors[torch.as_tensor(rows)] @ keys.T).max(dim=1)
         source.nearest[rows] = index.cpu().numpy()
+        source.best[rows] = best.cpu().numpy()
+
+
+def _search_windowed(
+    todo: np.ndarray, source: _Side, target: _Side, expected: np.ndarray, radius_mm: float
+) -> None:
+    """Search only keys within ``radius_mm`` of each query's expected position.
+
+    Queries are sorted by position and processed in small groups, each against the keys inside
+    the group's bounding box, so the cost grows with the window, not with the image.
+    """
+    centres = expected[todo]
+    order = np.lexsort(np.round(centres / radius_mm).T[::-1])
+    todo, centres = todo[order], centres[order]
+    positions = target.positions
+    for start in range(0, len(todo), 64):
+        rows, centre = todo[start : start + 64], centres[start : start + 64]
+        lo, hi = centre.min(axis=0) - radius_mm, centre.max(axis=0) + radius_mm
+        candidates = np.flatnonzero(np.all((positions >= lo) & (positions <= hi), axis=1))
+        if len(candidates) == 0:
+            source.nearest[rows], source.best[rows] = 0, -2.0
+            continue
+        cand = torch.as_tensor(candidates)
+        sim = source.descriptors[torch.as_tensor(rows)] @ target.descriptors[cand].T
+        centre_t = torch.as_tensor(centre, dtype=torch.float32, device=sim.device)
+        far = torch.cdist(centre_t, target.positions_t[cand]) > radius_mm
+        best, index = sim.masked_fill(far, -2.0).max(dim=1)
+        source.nearest[rows] = candidates[index.cpu().numpy()]
         source.best[rows] = best.cpu().numpy()
 
 
@@ -143,6 +177,11 @@ def find_matches(
     pairs = np.unique(np.stack([previous[stable], to_fixed(previous[stable])], axis=1), axis=0)
     similarity = mov.best[pairs[:, 0]]
     keep = similarity > config.similarity_threshold
+    if radius_mm is not None:
+        # A best match on the rim of the window usually means the true match lies outside it.
+        predicted = _apply(prior, fix.positions[pairs[:, 1]])
+        offset = np.linalg.norm(predicted - mov.positions[pairs[:, 0]], axis=1)
+        keep &= offset <= EDGE_FRACTION * radius_mm
     pairs, similarity = pairs[keep], similarity[keep]
     log.info(
         "matching: %d grid points, %d cycle-consistent, %d above similarity %.2f",

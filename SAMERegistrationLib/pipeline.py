@@ -16,7 +16,7 @@ from .config import RegistrationConfig
 from .device import describe_device, memory_guard, resolve_device
 from .errors import RegistrationFailed
 from .evaluate import dice_per_label, mean_dice
-from .features import make_extractor
+from .features import FeatureMaps, make_extractor
 from .grid import Grid
 from .image import ImageLike, WorkingImage, check_ct, check_labels, read_image, to_working_grid
 from .matching import find_matches
@@ -24,6 +24,7 @@ from .result import RegistrationResult
 from .stages import deform
 from .stages.affine import fit_affine
 from .stages.coarse import fit_coarse
+from .stages.initial import centroid_translation, search_translation
 from .stages.instance import optimise_instance
 
 log = logging.getLogger(__name__)
@@ -64,9 +65,14 @@ def register(
         ("moving", moving_labels, moving_image),
     ):
         if source is not None:
-            labels[name] = check_labels(read_image(source, f"{name} label map"), image, f"{name} label map")
+            labels[name] = check_labels(
+                read_image(source, f"{name} label map"), image, f"{name} label map"
+            )
     device = resolve_device(config.device)
     extractor = make_extractor(config, device)
+    config = config.resolved_for(extractor.name)
+    if config.deform.enabled and config.deform.weights:
+        deform.check_available(config.deform)
     torch.manual_seed(config.seed)
     np.random.seed(config.seed)
 
@@ -87,10 +93,18 @@ def register(
         stages["features"] = {"seconds": _lap(clock), "extractor": extractor.name}
 
         clock = time.perf_counter()
-        prior = _initial_alignment(fixed_work, moving_work, config.initialisation)
+        prior, info = _initial_alignment(fixed_maps, moving_maps, config.initialisation)
+        stages["initial"] = {"seconds": _lap(clock), "method": config.initialisation, **info}
+
+        clock = time.perf_counter()
         report("matching", 0, 1)
         matches = find_matches(
-            fixed_maps, moving_maps, config.matching, prior, config.matching.search_radius_mm, device
+            fixed_maps,
+            moving_maps,
+            config.matching,
+            prior,
+            config.matching.search_radius_mm,
+            device,
         )
         report("matching", 1, 1)
         stages["matching"] = {"seconds": _lap(clock), **matches.summary()}
@@ -98,8 +112,15 @@ def register(
         affine = prior
         clock = time.perf_counter()
         if config.affine.enabled:
+            radii = config.affine.refine_radii_mm
             affine, info = fit_affine(matches, config.affine)
-            report("affine", 1, 1)
+            for i, radius in enumerate(radii):
+                report("affine", i + 1, len(radii) + 1)
+                matches = find_matches(
+                    fixed_maps, moving_maps, config.matching, affine, radius, device
+                )
+                affine, info = fit_affine(matches, config.affine)
+            report("affine", len(radii) + 1, len(radii) + 1)
             stages["affine"] = {"status": "done", "seconds": _lap(clock), **info}
         else:
             stages["affine"] = _skipped("disabled", "initial alignment kept")
@@ -184,17 +205,15 @@ def _skipped(reason: str, detail: str | None = None) -> dict:
     return info
 
 
-def _initial_alignment(fixed: WorkingImage, moving: WorkingImage, mode: str) -> np.ndarray:
-    """Translation that puts the body centres on each other (or identity)."""
-    matrix = np.eye(4)
+def _initial_alignment(
+    fixed: FeatureMaps, moving: FeatureMaps, mode: str
+) -> tuple[np.ndarray, dict]:
+    if mode == "search":
+        return search_translation(fixed, moving)
     if mode == "centroid":
-        matrix[:3, 3] = _body_centre(moving) - _body_centre(fixed)
-    return matrix
-
-
-def _body_centre(image: WorkingImage) -> np.ndarray:
-    zyx = np.argwhere(image.body).mean(axis=0)
-    return image.grid.index_to_physical(zyx[::-1][None])[0]
+        matrix = centroid_translation(fixed, moving)
+        return matrix, {"translation_mm": matrix[:3, 3].round(2).tolist()}
+    return np.eye(4), {}
 
 
 def _check_overlap(fixed: WorkingImage, moving: WorkingImage, affine: np.ndarray) -> None:

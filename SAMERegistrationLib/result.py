@@ -74,7 +74,9 @@ class RegistrationResult:
 
     def affine_transform(self) -> sitk.AffineTransform:
         """The affine stage alone as a SimpleITK transform (fixed -> moving)."""
-        return sitk.AffineTransform(self.affine[:3, :3].ravel().tolist(), self.affine[:3, 3].tolist())
+        return sitk.AffineTransform(
+            self.affine[:3, :3].ravel().tolist(), self.affine[:3, 3].tolist()
+        )
 
     def warp(self, moving: sitk.Image, labels: bool = False) -> sitk.Image:
         """Resample a moving-space image onto the fixed grid (linear, or nearest for labels)."""

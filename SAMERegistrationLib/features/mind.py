@@ -63,7 +63,7 @@ class MindExtractor:
         grid, body = feature_grid_and_mask(image)
         hu = torch.as_tensor(image.hu, device=self.device)
         inside = torch.as_tensor(image.body, device=self.device)
-        scaled = (torch.where(inside, hu, torch.full_like(hu, AIR_HU)).clamp(-1024, 2000) / 1000.0)
+        scaled = torch.where(inside, hu, torch.full_like(hu, AIR_HU)).clamp(-1024, 2000) / 1000.0
         scaled = scaled[None, None]
 
         # Local: MIND of the image smoothed and subsampled to the feature grid (4 mm offsets at the
@@ -72,11 +72,11 @@ class MindExtractor:
         local = spatial.smooth(mind_ssc(half, dilation=max(self.dilation // 2, 1)), passes=1)
         quarter = spatial.smooth(half, passes=1)[:, :, ::2, ::2, ::2]
         global_ = mind_ssc(quarter, dilation=self.dilation)
-        global_ = spatial.sample(global_, grid.downsampled(2), spatial.voxel_points(grid, self.device))
+        global_ = spatial.sample(
+            global_, grid.downsampled(2), spatial.voxel_points(grid, self.device)
+        )
         return FeatureMaps(_centred_unit(local), _centred_unit(global_), grid, body)
 
 
 def _centred_unit(features: torch.Tensor) -> torch.Tensor:
     return unit(features - features.mean(dim=1, keepdim=True)).contiguous()
-
-

@@ -44,7 +44,9 @@ class SamExtractor:
         local, global_ = self.network(x)
         local_grid = _map_grid(image.grid, local.shape[2:], LOCAL_STRIDE)
         global_grid = _map_grid(image.grid, global_.shape[2:], GLOBAL_STRIDE)
-        global_ = spatial.sample(global_, global_grid, spatial.voxel_points(local_grid, self.device))
+        global_ = spatial.sample(
+            global_, global_grid, spatial.voxel_points(local_grid, self.device)
+        )
         body = image.body[::2, ::2, ::2].copy()
         return FeatureMaps(local.contiguous(), unit(global_).contiguous(), local_grid, body)
 

@@ -14,6 +14,15 @@ from ..errors import ConfigError
 from ..image import WorkingImage
 
 
+def check_available(config: DeformConfig) -> None:
+    """Refuse deform weights before any work: this version has no network to load them into."""
+    raise ConfigError(
+        f"SAM-deform weights were given ({config.weights}), but this version of the library has "
+        "no SAM-deform network to load them into. Remove deform.weights (or pass --stages "
+        "affine,coarse,instance) to register without the learned stage."
+    )
+
+
 def run(
     config: DeformConfig,
     fixed: WorkingImage,
@@ -22,8 +31,5 @@ def run(
     dense: torch.Tensor,
     device: torch.device,
 ) -> tuple[torch.Tensor, dict]:
-    raise ConfigError(
-        f"SAM-deform weights were given ({config.weights}), but this version of the library has "
-        "no SAM-deform network to load them into. Remove deform.weights (or pass --stages "
-        "affine,coarse,instance) to register without the learned stage."
-    )
+    check_available(config)
+    raise AssertionError("unreachable")
