@@ -24,8 +24,9 @@ class MatchingConfig:
     grid_stride: int = 8  # working-grid voxels between query points in the moving image
     cycle_rounds: int = 5  # SSCC rounds (q -> m -> q')
     similarity_threshold: float = 0.7  # keep matches above this similarity (dot / 2 in [-1, 1])
-    # Search radius (mm) around the position predicted by the current alignment; null = whole
-    # image as in SAME. Hand-crafted features are not unique across the body and need a window.
+    # Search radius (mm) around the position predicted by the initial alignment; 0 = the whole
+    # image, as SAME does with SAM. Hand-crafted features are not unique across the body and need
+    # a window. null = the default of the feature type (FEATURE_DEFAULTS).
     search_radius_mm: float | None = None
     chunk_memory_mb: float = 256.0  # memory for one block of the similarity matrix
 
@@ -35,10 +36,11 @@ class AffineConfig:
     enabled: bool = True
     min_matches: int = 12  # fewer reliable matches than this means the images share no anatomy
     # Drop matches whose residual exceeds this many times the median residual and refit; 0 keeps
-    # plain least squares as in SAME.
-    outlier_factor: float = 0.0
+    # plain least squares as in SAME. null = the default of the feature type.
+    outlier_factor: float | None = None
     # Further passes: re-match within each radius (mm) around the current affine and refit.
-    refine_radii_mm: list[float] = field(default_factory=list)
+    # null = the default of the feature type.
+    refine_radii_mm: list[float] | None = None
 
 
 @dataclass
@@ -48,7 +50,8 @@ class CoarseConfig:
     smoothness: float = 0.04  # weight of the squared finite differences of the displacement
     iterations: int = 100
     learning_rate: float = 0.05
-    # Search radius (mm) for fresh matches around the affine's prediction; null reuses the affine's.
+    # Search radius (mm) for fresh matches around the affine's prediction; 0 reuses the affine's
+    # matches (SAME). null = the default of the feature type.
     rematch_radius_mm: float | None = None
 
 
@@ -62,10 +65,12 @@ class DeformConfig:
 class InstanceConfig:
     enabled: bool = True
     iterations: int = 50
-    learning_rate: float = 0.05
-    smoothness: float = 1000.0  # weight of the squared finite differences (normalised units)
+    # Adam step and smoothness weight, in normalised units; null = the feature type's default.
+    learning_rate: float | None = None
+    smoothness: float | None = None
     smoothing_passes: int = 3  # 3x3x3 box filters applied to the displacement each step
-    cost_stride: int = 1  # evaluate the similarity on every k-th fixed body voxel per axis
+    # Evaluate the similarity on every k-th fixed body voxel per axis; null = feature default.
+    cost_stride: int | None = None
 
 
 @dataclass
@@ -136,8 +141,11 @@ class RegistrationConfig:
         if self.initialisation not in ("search", "centroid", "identity"):
             raise ConfigError("initialisation must be 'search', 'centroid' or 'identity'.")
         radii = self.affine.refine_radii_mm
-        if not isinstance(radii, list) or not all(
-            isinstance(r, int | float) and not isinstance(r, bool) and r > 0 for r in radii
+        if radii is not None and (
+            not isinstance(radii, list)
+            or not all(
+                isinstance(r, int | float) and not isinstance(r, bool) and r > 0 for r in radii
+            )
         ):
             raise ConfigError("affine.refine_radii_mm must be a list of positive numbers (mm).")
         if not 0.25 <= self.working_spacing_mm <= 20:
@@ -150,7 +158,6 @@ class RegistrationConfig:
             "matching.chunk_memory_mb": self.matching.chunk_memory_mb,
             "coarse.grid_divisor": self.coarse.grid_divisor,
             "affine.min_matches": self.affine.min_matches,
-            "instance.cost_stride": self.instance.cost_stride,
         }
         for name, value in positive.items():
             if value <= 0:
@@ -159,19 +166,18 @@ class RegistrationConfig:
             "coarse.iterations": self.coarse.iterations,
             "coarse.smoothness": self.coarse.smoothness,
             "instance.iterations": self.instance.iterations,
-            "instance.smoothness": self.instance.smoothness,
             "instance.smoothing_passes": self.instance.smoothing_passes,
+            "instance.smoothness": self.instance.smoothness,
+            "instance.learning_rate": self.instance.learning_rate,
             "affine.outlier_factor": self.affine.outlier_factor,
+            "matching.search_radius_mm": self.matching.search_radius_mm,
+            "coarse.rematch_radius_mm": self.coarse.rematch_radius_mm,
         }
         for name, value in non_negative.items():
-            if value < 0:
+            if value is not None and value < 0:
                 raise ConfigError(f"{name} must not be negative, not {value}.")
-        for name, radius in (
-            ("matching.search_radius_mm", self.matching.search_radius_mm),
-            ("coarse.rematch_radius_mm", self.coarse.rematch_radius_mm),
-        ):
-            if radius is not None and (not isinstance(radius, int | float) or radius <= 0):
-                raise ConfigError(f"{name} must be a positive number of mm or null.")
+        if self.instance.cost_stride is not None and self.instance.cost_stride < 1:
+            raise ConfigError("instance.cost_stride must be at least 1.")
         if self.export.field_format not in ("nii.gz", "nrrd", "mha", "h5"):
             raise ConfigError("export.field_format must be nii.gz, nrrd, mha or h5.")
         if self.export.image_format not in ("nii.gz", "nrrd", "mha"):
@@ -181,29 +187,35 @@ class RegistrationConfig:
         return getattr(self, stage).enabled
 
     def resolved_for(self, features: str) -> RegistrationConfig:
-        """The configuration with the preset of ``features`` filled into keys left at default.
-
-        SAM embeddings are unique across the body, so SAME searches the whole image once. MIND-SSC
-        describes local structure only: it needs a search window around the current alignment,
-        a second pass, and fresh matches near the affine for the coarse stage.
-        """
-        preset = FEATURE_PRESETS.get(features, {})
-        generic = RegistrationConfig().to_dict()
+        """A copy with every null (feature-dependent) setting filled from FEATURE_DEFAULTS."""
         current = self.to_dict()
         changes = {}
-        for key, value in preset.items():
+        for key, value in FEATURE_DEFAULTS[features].items():
             section, name = key.split(".")
-            if current[section][name] == generic[section][name]:
+            if current[section][name] is None:
                 changes[key] = value
         return self.with_overrides(changes) if changes else self
 
 
-FEATURE_PRESETS: dict[str, dict[str, Any]] = {
+# Settings that depend on the features. SAM: the paper's values (SAM embeddings are unique across
+# the body, so one search over the whole image). MIND-SSC describes local structure only: it needs
+# a search window around the current alignment, several passes with outlier trimming, fresh
+# matches near the affine for the coarse stage, and smaller, smoother instance-optimisation steps.
+FEATURE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "sam": {
+        "matching.search_radius_mm": 0.0,
+        "affine.refine_radii_mm": [],
+        "affine.outlier_factor": 0.0,
+        "coarse.rematch_radius_mm": 0.0,
+        "instance.learning_rate": 0.05,
+        "instance.smoothness": 1000.0,
+        "instance.cost_stride": 1,
+    },
     "mind": {
         "matching.search_radius_mm": 20.0,
-        "affine.refine_radii_mm": [20.0, 10.0],
+        "affine.refine_radii_mm": [20.0, 10.0, 5.0],
+        "affine.outlier_factor": 2.0,
         "coarse.rematch_radius_mm": 10.0,
-        # MIND similarity is noisier than SAM's: smaller, smoother steps avoid folding.
         "instance.learning_rate": 0.01,
         "instance.smoothness": 10000.0,
         "instance.cost_stride": 2,
@@ -233,8 +245,12 @@ def _build(cls: type, data: dict[str, Any], prefix: str):
 
 def _coerce(value: Any, default: Any, name: str) -> Any:
     """Accept JSON numbers for numeric fields and refuse values of the wrong kind."""
-    if value is None or default is None:
+    if value is None:
         return value
+    if default is None:  # a feature-dependent setting: a number or a list of numbers
+        if isinstance(value, int | float | list) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{name} must be a number, a list of numbers or null, not {value!r}.")
     is_number = isinstance(value, int | float) and not isinstance(value, bool)
     if isinstance(default, bool) and isinstance(value, bool):
         return value

@@ -51,6 +51,8 @@ class _Side:
         zyx = np.stack(np.unravel_index(flat_index, maps.body.shape), axis=1)
         self.positions = maps.grid.index_to_physical(zyx[:, ::-1].astype(np.float64))
         desc = maps.descriptor().to(device)
+        self.volume = desc[0]  # (C, D, H, W), for sub-voxel refinement
+        self.grid = maps.grid
         self.descriptors = desc.reshape(desc.shape[1], -1)[:, torch.as_tensor(flat_index)].T
         self.descriptors = self.descriptors.contiguous()
         self.lookup = np.full(maps.body.size, -1, dtype=np.int64)
@@ -191,7 +193,11 @@ def find_matches(
         config.similarity_threshold,
     )
     return Matches(
-        fixed=fix.positions[pairs[:, 1]],
+        fixed=_refine_subvoxel(
+            fix, fix.zyx[pairs[:, 1]], mov.descriptors[torch.as_tensor(pairs[:, 0])]
+        )
+        if len(pairs)
+        else np.zeros((0, 3)),
         moving=mov.positions[pairs[:, 0]],
         similarity=similarity.astype(np.float64),
         queried=queried,
@@ -201,3 +207,31 @@ def find_matches(
 
 def _apply(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
     return points @ matrix[:3, :3].T + matrix[:3, 3]
+
+
+def _refine_subvoxel(side: _Side, zyx: np.ndarray, queries: torch.Tensor) -> np.ndarray:
+    """Positions (mm) of the best matches refined to sub-voxel precision.
+
+    Along each axis a parabola through the similarities at the matched voxel and its two
+    neighbours gives the peak; the shift is clipped to half a voxel.
+    """
+    volume, shape = side.volume, np.array(side.shape)
+    centre = _similarity_at(volume, zyx, queries)
+    offset = np.zeros(zyx.shape, dtype=np.float64)
+    for axis in range(3):
+        step = np.zeros(3, dtype=int)
+        step[axis] = 1
+        lower = _similarity_at(volume, np.clip(zyx - step, 0, shape - 1), queries)
+        upper = _similarity_at(volume, np.clip(zyx + step, 0, shape - 1), queries)
+        curvature = lower - 2 * centre + upper
+        with np.errstate(divide="ignore", invalid="ignore"):
+            shift = np.where(curvature < -1e-9, 0.5 * (lower - upper) / curvature, 0.0)
+        inside = (zyx[:, axis] > 0) & (zyx[:, axis] < shape[axis] - 1)
+        offset[:, axis] = np.where(inside, np.clip(shift, -0.5, 0.5), 0.0)
+    return side.grid.index_to_physical((zyx + offset)[:, ::-1])
+
+
+def _similarity_at(volume: torch.Tensor, zyx: np.ndarray, queries: torch.Tensor) -> np.ndarray:
+    z, y, x = (torch.as_tensor(zyx[:, i]) for i in range(3))
+    keys = volume[:, z, y, x].T
+    return (keys * queries).sum(dim=1).double().cpu().numpy()

@@ -131,7 +131,7 @@ def register(
         coarse_matches = matches
         clock = time.perf_counter()
         if config.coarse.enabled:
-            if config.coarse.rematch_radius_mm is not None:
+            if config.coarse.rematch_radius_mm:
                 coarse_matches = find_matches(
                     fixed_maps, moving_maps, config.matching, affine,
                     config.coarse.rematch_radius_mm, device,
