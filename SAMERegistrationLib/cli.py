@@ -70,7 +70,13 @@ def _common_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug messages")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument(
+        "--progress",
+        choices=["bars", "json", "none"],
+        default="bars",
+        help="progress display: bars (default), json (one JSON object per line on standard "
+        "output, for programs driving the command) or none",
+    )
 
 
 def _register_parser() -> argparse.ArgumentParser:
@@ -134,6 +140,10 @@ def _parse_value(raw: str):
         return raw
 
 
+def _json_progress(stage: str, done: int, total: int) -> None:
+    print(json.dumps({"stage": stage, "done": done, "total": total}), flush=True)
+
+
 class _ProgressBars:
     """One tqdm bar per stage, on standard error."""
 
@@ -176,14 +186,18 @@ def _register_and_write(args: argparse.Namespace):
     if not args.moving_labels:
         names.pop("warped_labels")
     check_output_folder(args.output, list(names.values()), args.overwrite)
-    bars = _ProgressBars(not args.no_progress and not args.quiet)
+    if args.progress == "json":
+        bars = _json_progress
+    else:
+        bars = _ProgressBars(args.progress == "bars" and not args.quiet)
     started = time.perf_counter()
     try:
         result = register(
             args.fixed, args.moving, config, args.fixed_labels, args.moving_labels, progress=bars
         )
     finally:
-        bars.close()
+        if isinstance(bars, _ProgressBars):
+            bars.close()
     moving = check_ct(read_image(args.moving, "moving image"), "moving image")
     labels = read_image(args.moving_labels, "moving label map") if args.moving_labels else None
     inputs = {
@@ -193,7 +207,10 @@ def _register_and_write(args: argparse.Namespace):
         "moving_labels": args.moving_labels,
     }
     paths = write_outputs(result, args.output, moving, labels, inputs, args.overwrite)
-    _print_summary(result, paths, time.perf_counter() - started)
+    if args.progress == "json":
+        print(json.dumps({"finished": True, "report": str(paths["report"])}), flush=True)
+    else:
+        _print_summary(result, paths, time.perf_counter() - started)
     return result
 
 
