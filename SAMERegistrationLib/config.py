@@ -29,6 +29,9 @@ class MatchingConfig:
     # a window. null = the default of the feature type (FEATURE_DEFAULTS).
     search_radius_mm: float | None = None
     chunk_memory_mb: float = 256.0  # memory for one block of the similarity matrix
+    # Fewer reliable matches than this share of the grid points means the scans show different
+    # anatomy (or do not overlap): registration stops with an error. null = feature default.
+    min_match_share: float | None = None
 
 
 @dataclass
@@ -171,6 +174,7 @@ class RegistrationConfig:
             "instance.learning_rate": self.instance.learning_rate,
             "affine.outlier_factor": self.affine.outlier_factor,
             "matching.search_radius_mm": self.matching.search_radius_mm,
+            "matching.min_match_share": self.matching.min_match_share,
             "coarse.rematch_radius_mm": self.coarse.rematch_radius_mm,
         }
         for name, value in non_negative.items():
@@ -204,6 +208,7 @@ class RegistrationConfig:
 FEATURE_DEFAULTS: dict[str, dict[str, Any]] = {
     "sam": {
         "matching.search_radius_mm": 0.0,
+        "matching.min_match_share": 0.05,
         "affine.refine_radii_mm": [],
         "affine.outlier_factor": 0.0,
         "coarse.rematch_radius_mm": 0.0,
@@ -213,6 +218,7 @@ FEATURE_DEFAULTS: dict[str, dict[str, Any]] = {
     },
     "mind": {
         "matching.search_radius_mm": 20.0,
+        "matching.min_match_share": 0.12,
         "affine.refine_radii_mm": [20.0, 10.0, 5.0],
         "affine.outlier_factor": 2.0,
         "coarse.rematch_radius_mm": 10.0,
@@ -239,18 +245,22 @@ def _build(cls: type, data: dict[str, Any], prefix: str):
         if dataclasses.is_dataclass(default):
             values[name] = _build(type(default), value, f"{prefix}{name}.")
         else:
-            values[name] = _coerce(value, default, prefix + name)
+            values[name] = _coerce(value, default, prefix + name, str(fields[name].type))
     return cls(**values)
 
 
-def _coerce(value: Any, default: Any, name: str) -> Any:
+def _coerce(value: Any, default: Any, name: str, annotation: str) -> Any:
     """Accept JSON numbers for numeric fields and refuse values of the wrong kind."""
     if value is None:
         return value
-    if default is None:  # a feature-dependent setting: a number or a list of numbers
-        if isinstance(value, int | float | list) and not isinstance(value, bool):
+    if default is None:  # an optional path, or a feature-dependent number or list of numbers
+        if annotation.startswith("str") and isinstance(value, str):
             return value
-        raise ConfigError(f"{name} must be a number, a list of numbers or null, not {value!r}.")
+        if not annotation.startswith("str") and isinstance(value, int | float | list):
+            if not isinstance(value, bool):
+                return value
+        kind = "a path" if annotation.startswith("str") else "a number, a list of numbers"
+        raise ConfigError(f"{name} must be {kind} or null, not {value!r}.")
     is_number = isinstance(value, int | float) and not isinstance(value, bool)
     if isinstance(default, bool) and isinstance(value, bool):
         return value

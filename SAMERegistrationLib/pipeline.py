@@ -108,6 +108,7 @@ def register(
         )
         report("matching", 1, 1)
         stages["matching"] = {"seconds": _lap(clock), **matches.summary()}
+        _check_shared_anatomy(matches, config.matching.min_match_share)
 
         affine = prior
         clock = time.perf_counter()
@@ -214,6 +215,17 @@ def _initial_alignment(
         matrix = centroid_translation(fixed, moving)
         return matrix, {"translation_mm": matrix[:3, 3].round(2).tolist()}
     return np.eye(4), {}
+
+
+def _check_shared_anatomy(matches, min_share: float) -> None:
+    share = len(matches) / max(matches.queried, 1)
+    if share < min_share:
+        raise RegistrationFailed(
+            f"Only {share:.0%} of the {matches.queried} points sampled in the moving image found a "
+            f"reliable match in the fixed image (at least {min_share:.0%} is expected when both "
+            "scans show the same body region). The scans probably show different anatomy or do "
+            "not overlap. Check the inputs; if they do overlap, lower matching.min_match_share."
+        )
 
 
 def _check_overlap(fixed: WorkingImage, moving: WorkingImage, affine: np.ndarray) -> None:

@@ -1,0 +1,149 @@
+"""Exported files re-read by SimpleITK (and Slicer's storage) map points as the library does."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from SAMERegistrationLib import register
+from SAMERegistrationLib.errors import OutputError
+from SAMERegistrationLib.export import write_outputs
+from SAMERegistrationLib.grid import Grid
+from SAMERegistrationLib.synthetic import demo_pair
+
+
+@pytest.fixture(scope="module")
+def registered(tmp_path_factory):
+    pair = demo_pair(seed=0)
+    # An oblique fixed grid: the field must be written on the fixed image's own geometry.
+    direction = sitk.VersorTransform((0, 0, 1), np.radians(10)).GetMatrix()
+    fixed = sitk.Image(pair.fixed)
+    fixed.SetDirection(direction)
+    fixed_labels = sitk.Image(pair.fixed_labels)
+    fixed_labels.SetDirection(direction)
+    result = register(fixed, pair.moving, features="mind", fixed_labels=fixed_labels,
+                      moving_labels=pair.moving_labels)  # fmt: skip
+    out = tmp_path_factory.mktemp("out") / "result"
+    paths = write_outputs(result, out, pair.moving, pair.moving_labels, inputs={"fixed": "mem"})
+    return result, paths, fixed, pair
+
+
+def inside_points(grid: Grid, count: int = 200, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    index = rng.uniform(1, np.array(grid.size_xyz) - 2, size=(count, 3))
+    return grid.index_to_physical(index)
+
+
+def test_displacement_file_maps_points_like_the_library(registered):
+    result, paths, fixed, _ = registered
+    field = sitk.ReadImage(str(paths["transform"]), sitk.sitkVectorFloat64)
+    assert Grid.from_sitk(field).matches(Grid.from_sitk(fixed))
+    transform = sitk.DisplacementFieldTransform(field)
+    grid = Grid.from_sitk(fixed)
+    voxel_centres = grid.index_to_physical(np.array([[3, 4, 5], [20, 30, 10], [50, 40, 30]]))
+    expected = result.map_points(voxel_centres)
+    got = np.array([transform.TransformPoint(tuple(p)) for p in voxel_centres])
+    np.testing.assert_allclose(got, expected, atol=1e-3)  # float32 storage
+    points = inside_points(grid)
+    got = np.array([transform.TransformPoint(tuple(p)) for p in points])
+    # Between voxel centres ITK interpolates the field sampled on the 3 mm fixed grid, while the
+    # library interpolates its 2 mm working grid: they may differ by a small fraction of a voxel.
+    assert np.abs(got - result.map_points(points)).max() < 0.2
+
+
+def test_affine_file_is_the_affine_stage_in_itk_convention(registered):
+    result, paths, _, _ = registered
+    affine = sitk.ReadTransform(str(paths["affine"]))
+    points = np.array([[0.0, 0.0, 0.0], [100.0, -50.0, 20.0]])
+    got = np.array([affine.TransformPoint(tuple(p)) for p in points])
+    expected = points @ result.affine[:3, :3].T + result.affine[:3, 3]
+    np.testing.assert_allclose(got, expected, atol=1e-6)
+
+
+def test_warped_labels_equal_simpleitk_resampling(registered):
+    _, paths, fixed, pair = registered
+    transform = sitk.DisplacementFieldTransform(
+        sitk.ReadImage(str(paths["transform"]), sitk.sitkVectorFloat64)
+    )
+    expected = sitk.Resample(pair.moving_labels, fixed, transform, sitk.sitkNearestNeighbor, 0)
+    warped = sitk.ReadImage(str(paths["warped_labels"]))
+    assert Grid.from_sitk(warped).matches(Grid.from_sitk(fixed))
+    same = sitk.GetArrayFromImage(warped) == sitk.GetArrayFromImage(expected)
+    assert same.mean() > 0.999  # float32 storage may flip a voxel on a label boundary
+
+
+def test_registration_improves_dice_and_report_is_complete(registered):
+    result, paths, _, _ = registered
+    report = json.loads(paths["report"].read_text())
+    assert report["metrics"]["mean_dice_after"] > report["metrics"]["mean_dice_before"] + 0.2
+    assert report["metrics"]["folding_percent"] < 1.0
+    for key in ("software", "device", "config", "stages", "total_seconds"):
+        assert key in report
+    assert report["stages"]["deform"]["status"] == "skipped"
+    assert report["config"]["features"] == "mind"
+
+
+def test_matches_csv_and_markups_agree(registered):
+    result, paths, _, _ = registered
+    with open(paths["matches_csv"]) as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == len(result.matches) > 50
+    first = rows[0]
+    np.testing.assert_allclose(
+        [float(first[k]) for k in ("fixed_x_lps", "fixed_y_lps", "fixed_z_lps")],
+        result.matches.fixed[0],
+        atol=1e-3,
+    )
+    markups = json.loads(paths["matches_moving"].read_text())["markups"][0]
+    assert markups["coordinateSystem"] == "LPS"
+    point = markups["controlPoints"][0]
+    assert point["label"] == "M-1"
+    np.testing.assert_allclose(point["position"], result.matches.moving[0], atol=1e-3)
+    assert point["description"] == f"similarity {result.matches.similarity[0]:.3f}"
+
+
+def test_markups_load_in_slicer_with_ras_coordinates(registered):
+    slicer = pytest.importorskip("slicer")
+    result, paths, _, _ = registered
+    scene = slicer.vtkMRMLScene()
+    logic = slicer.vtkSlicerMarkupsLogic()
+    logic.SetMRMLScene(scene)
+    node = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode")
+    storage = slicer.vtkMRMLMarkupsJsonStorageNode()
+    scene.AddNode(storage)
+    storage.SetFileName(str(paths["matches_fixed"]))
+    assert storage.ReadData(node)
+    assert node.GetNumberOfControlPoints() == len(result.matches)
+    ras = [0.0, 0.0, 0.0]
+    node.GetNthControlPointPosition(0, ras)
+    lps = result.matches.fixed[0]
+    np.testing.assert_allclose(ras, [-lps[0], -lps[1], lps[2]], atol=1e-3)
+    assert node.GetNthControlPointLabel(0) == "F-1"
+
+
+def test_displacement_file_loads_in_slicer_as_resampling_transform(registered):
+    slicer = pytest.importorskip("slicer")
+    result, paths, fixed, _ = registered
+    scene = slicer.vtkMRMLScene()
+    node = scene.AddNewNodeByClass("vtkMRMLGridTransformNode")
+    storage = slicer.vtkMRMLTransformStorageNode()
+    scene.AddNode(storage)
+    storage.SetFileName(str(paths["transform"]))
+    assert storage.ReadData(node)
+    lps = inside_points(Grid.from_sitk(fixed), count=5, seed=2)
+    expected = result.map_points(lps)
+    from_parent = node.GetTransformFromParent()
+    for p, e in zip(lps, expected):
+        got = from_parent.TransformPoint([-p[0], -p[1], p[2]])
+        np.testing.assert_allclose(got, [-e[0], -e[1], e[2]], atol=0.05)
+
+
+def test_existing_outputs_are_not_overwritten(registered, tmp_path):
+    result, paths, _, pair = registered
+    (tmp_path / "report.json").write_text("user data")
+    with pytest.raises(OutputError, match="already holds report.json"):
+        write_outputs(result, tmp_path, pair.moving)
+    assert (tmp_path / "report.json").read_text() == "user data"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.json"]
