@@ -256,9 +256,9 @@ def _coerce(value: Any, default: Any, name: str, annotation: str) -> Any:
     if default is None:  # an optional path, or a feature-dependent number or list of numbers
         if annotation.startswith("str") and isinstance(value, str):
             return value
-        if not annotation.startswith("str") and isinstance(value, int | float | list):
-            if not isinstance(value, bool):
-                return value
+        numeric = isinstance(value, int | float | list) and not isinstance(value, bool)
+        if numeric and not annotation.startswith("str"):
+            return value
         kind = "a path" if annotation.startswith("str") else "a number, a list of numbers"
         raise ConfigError(f"{name} must be {kind} or null, not {value!r}.")
     is_number = isinstance(value, int | float) and not isinstance(value, bool)

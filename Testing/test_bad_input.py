@@ -134,6 +134,8 @@ def test_gpu_out_of_memory_suggests_cpu_or_coarser_grid():
 
 
 def test_cpu_allocation_failure_suggests_coarser_grid():
-    with pytest.raises(DeviceError, match="coarser working grid"):
-        with memory_guard(resolve_device("cpu"), 2.0):
-            torch.empty(2**62, dtype=torch.uint8)  # more than any machine has
+    with (
+        pytest.raises(DeviceError, match="coarser working grid"),
+        memory_guard(resolve_device("cpu"), 2.0),
+    ):
+        torch.empty(2**62, dtype=torch.uint8)  # more than any machine has

@@ -1,0 +1,1 @@
+"""Helpers of the SAME Registration module: process runner, devices, logic, self-test."""
