@@ -1,0 +1,149 @@
+"""``same-register train-sam``: self-supervised SAM training from the command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from ..errors import SameRegistrationError
+from .crops import CropConfig
+from .sam_trainer import SAMTrainConfig, collect_scans, list_checkpoints, train_sam
+
+_DEFAULTS = SAMTrainConfig()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="same-register train-sam",
+        description="Train the SAM network self-supervised on unlabelled CT scans (contrastive "
+        "learning on overlapping crops of each scan). Do not train on scans you evaluate on: for "
+        "OpenKBP, train on train_* and leave validation_* out, e.g. with "
+        "--exclude-pattern 'validation_*'.",
+    )
+    parser.add_argument(
+        "scans",
+        nargs="+",
+        help="CT volumes in Hounsfield units (NIfTI, NRRD, MHA ...), or folders holding only such "
+        "files (their sub-folders and hidden files are ignored)",
+    )
+    parser.add_argument("-o", "--output", required=True, type=Path, help="output folder")
+    parser.add_argument(
+        "--exclude-pattern",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="leave out files whose name or path matches this shell pattern, e.g. "
+        "'validation_*' or '*_label*' (repeatable; default: none)",
+    )
+    parser.add_argument(
+        "--iterations", type=int, default=_DEFAULTS.iterations, help="default %(default)s"
+    )
+    parser.add_argument(
+        "--batch",
+        type=int,
+        default=_DEFAULTS.batch,
+        help="crop pairs per iteration, from different scans (default %(default)s)",
+    )
+    parser.add_argument(
+        "--patch",
+        type=int,
+        nargs=3,
+        metavar=("Z", "Y", "X"),
+        default=list(_DEFAULTS.crops.patch),
+        help="voxels per view, multiples of 4 16 16 (default 32 96 96)",
+    )
+    parser.add_argument(
+        "--width",
+        type=float,
+        default=_DEFAULTS.width,
+        help="backbone width; 1 is the official network, 0.25 a slim CPU one (default %(default)s)",
+    )
+    parser.add_argument("--lr", type=float, default=_DEFAULTS.lr, help="default %(default)s")
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=_DEFAULTS.warmup_iterations,
+        metavar="N",
+        help="iterations of linear learning-rate warm-up (default %(default)s)",
+    )
+    parser.add_argument("--seed", type=int, default=_DEFAULTS.seed, help="default %(default)s")
+    parser.add_argument(
+        "--device", default=_DEFAULTS.device, help="auto (default), cpu, cuda or cuda:N"
+    )
+    parser.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=_DEFAULTS.checkpoint_every,
+        metavar="N",
+        help="write a checkpoint every N iterations (default %(default)s)",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        help="data loading processes (default: 4 on CUDA, 0 on the CPU)",
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in the output folder from its latest checkpoint",
+    )
+    parser.add_argument(
+        "--progress", choices=["bars", "none"], default="bars", help="default %(default)s"
+    )
+    return parser
+
+
+class _Bar:
+    """A tqdm bar on standard error showing the loss."""
+
+    def __init__(self) -> None:
+        self.bar = None
+
+    def __call__(self, done: int, total: int, loss: float) -> None:
+        from tqdm import tqdm
+
+        if self.bar is None:
+            self.bar = tqdm(total=total, initial=done - 1, desc="train-sam", file=sys.stderr)
+        self.bar.update(done - self.bar.n)
+        self.bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``train-sam``; 0 on success, 2 on a user error (printed as ``error: ...``)."""
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    bar = _Bar() if args.progress == "bars" else None
+    try:
+        config = SAMTrainConfig(
+            iterations=args.iterations,
+            batch=args.batch,
+            width=args.width,
+            lr=args.lr,
+            warmup_iterations=args.warmup,
+            seed=args.seed,
+            device=args.device,
+            checkpoint_every=args.checkpoint_every,
+            workers=args.workers,
+            crops=CropConfig(patch=tuple(args.patch)),
+        )
+        scans = collect_scans(args.scans, args.exclude_pattern)
+        final = train_sam(scans, args.output, config, progress=bar, resume=args.resume)
+    except SameRegistrationError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        saved = list_checkpoints(args.output)
+        where = f" from {saved[-1][1].name}" if saved else " (no checkpoint was written yet)"
+        print(f"interrupted: continue with --resume{where}.", file=sys.stderr)
+        return 130
+    finally:
+        if bar is not None:
+            bar.close()
+    print(f"trained SAM weights: {final}")
+    return 0

@@ -1,0 +1,518 @@
+"""Self-supervised training of the SAM network on unlabelled CT (same-code-facts.md section 3).
+
+``train_sam`` checks every scan's header before any work, then runs SGD with a linear warm-up on
+batches of crop pairs (``crops``) and the local + global InfoNCE loss (``losses``), in mixed
+precision with loss scaling on CUDA. Every ``checkpoint_every`` iterations it writes a checkpoint
+holding the model, optimiser, loss scaler, every random generator's state and the iteration, so
+``resume=True`` continues where the run stopped; the batches themselves are keyed by iteration.
+On the CPU a resumed run is bit-for-bit the uninterrupted one; on CUDA, non-deterministic GPU
+kernels make any two runs differ in the last bits, resumed or not. The final weights are written
+with ``save_sam_checkpoint`` for the registration.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import logging
+import os
+import random
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from ..device import resolve_device
+from ..errors import CheckpointError, ConfigError, DeviceError, InputError, OutputError
+from ..features.sam_network import GLOBAL_STRIDE, SAMNetwork, save_sam_checkpoint
+from .crops import CropConfig, CropPairDataset, PairBatch
+from .losses import LossConfig, LossTerms, sam_loss
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = "same-sam-training"
+FINAL_WEIGHTS = "sam_trained.pth"
+LOG_FILE = "train_log.tsv"
+CACHE_DIR = "cache"
+_CHECKPOINT = re.compile(r"checkpoint_(\d+)\.pt$")
+#: Settings a resumed run may change; any other change would break the exact continuation.
+RESUMABLE_CHANGES = ("iterations", "checkpoint_every", "keep_checkpoints", "device", "workers")
+_SHOW = 5  # how many offending files an error message lists
+
+#: ``progress(iterations_done, iterations_total, loss)``, called after every iteration.
+Progress = Callable[[int, int, float], None]
+
+
+@dataclass(frozen=True)
+class SAMTrainConfig:
+    """Every setting of a SAM training run (defaults: same-code-facts.md section 3)."""
+
+    iterations: int = 20000
+    batch: int = 3  # crop pairs per iteration, each from a different scan when there are enough
+    width: float = 1.0  # backbone width; 1.0 is the official network
+    embedding_dim: int = 128
+    lr: float = 0.02
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup_iterations: int = 500  # linear warm-up from lr / warmup_iterations to lr
+    seed: int = 0
+    device: str = "auto"  # auto, cpu, cuda or cuda:N
+    mixed_precision: bool = True  # float16 autocast with loss scaling, on CUDA only
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2  # older checkpoints are deleted
+    workers: int | None = None  # loader processes; None: 4 on CUDA, 0 (in-process) on the CPU
+    crops: CropConfig = field(default_factory=CropConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+
+    def validate(self) -> None:
+        """Refuse values that cannot work, saying which and why."""
+        problems = []
+        for name in (
+            "iterations",
+            "batch",
+            "embedding_dim",
+            "checkpoint_every",
+            "keep_checkpoints",
+        ):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be at least 1 (got {getattr(self, name)})")
+        for name in ("width", "lr"):
+            value = getattr(self, name)
+            if not (np.isfinite(value) and value > 0):
+                problems.append(f"{name} must be a positive number (got {value})")
+        if self.warmup_iterations < 0 or self.momentum < 0 or self.weight_decay < 0:
+            problems.append("warmup_iterations, momentum and weight_decay cannot be negative")
+        if self.workers is not None and self.workers < 0:
+            problems.append(f"workers cannot be negative (got {self.workers})")
+        patch = self.crops.patch
+        if len(patch) != 3 or any(p < m or p % m for p, m in zip(patch, GLOBAL_STRIDE)):
+            problems.append(
+                f"patch {tuple(patch)} must be 3 sizes (z, y, x) that are multiples of "
+                f"{GLOBAL_STRIDE} (the global map's stride), e.g. 32 96 96"
+            )
+        low, high = self.crops.scale_range
+        if not 0 < low <= high:
+            problems.append(f"scale_range {self.crops.scale_range} must satisfy 0 < low <= high")
+        if not 0 <= self.crops.overlap_probability <= 1:
+            problems.append("crops.overlap_probability must lie in [0, 1]")
+        if self.crops.base_spacing_mm <= 0 or self.crops.noise_std < 0:
+            problems.append("crops.base_spacing_mm must be positive and noise_std not negative")
+        if self.loss.temperature <= 0:
+            problems.append(f"loss.temperature must be positive (got {self.loss.temperature})")
+        counts = ("local_queries", "local_hard", "local_diverse", "global_hard", "global_diverse")
+        if any(getattr(self.loss, name) < 1 for name in counts):
+            problems.append(f"loss.{', loss.'.join(counts)} must be at least 1")
+        if self.loss.global_cross < 0:
+            problems.append(f"loss.global_cross cannot be negative (got {self.loss.global_cross})")
+        if problems:
+            raise ConfigError("Invalid SAM training settings: " + "; ".join(problems) + ".")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values (lists, not tuples) for JSON and checkpoints."""
+        return json.loads(json.dumps(asdict(self)))
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> SAMTrainConfig:
+        """The inverse of ``to_dict``; unknown keys are an error."""
+        values = dict(values)
+        try:
+            crops = CropConfig(**_tuples(values.pop("crops", {})))
+            loss = LossConfig(**values.pop("loss", {}))
+            return cls(**_tuples(values), crops=crops, loss=loss)
+        except TypeError as err:
+            known = ", ".join(f.name for f in fields(cls))
+            raise ConfigError(f"Unknown SAM training setting ({err}); known: {known}.") from err
+
+
+def _tuples(values: dict[str, Any]) -> dict[str, Any]:
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+
+
+# --- inputs ------------------------------------------------------------------------------------
+
+
+def collect_scans(
+    sources: Sequence[str | os.PathLike[str]], exclude_patterns: Sequence[str] = ()
+) -> list[Path]:
+    """Training scans from files and folders (their files, not sub-folders; hidden files skipped).
+
+    A file whose name or path matches any of ``exclude_patterns`` (shell wildcards) is left out:
+    use them to keep evaluation cases (e.g. 'validation_*') and label maps out of training.
+    """
+    found: list[Path] = []
+    missing = []
+    for source in sources:
+        path = Path(source)
+        if path.is_dir():
+            found.extend(
+                sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+            )
+        elif path.is_file():
+            found.append(path)
+        else:
+            missing.append(str(path))
+    if missing:
+        raise InputError(
+            f"{len(missing)} training input(s) do not exist: {', '.join(missing[:_SHOW])}. Give "
+            "existing scan files or folders of scans."
+        )
+    unique = list(dict.fromkeys(found))
+    return [
+        p
+        for p in unique
+        if not any(
+            fnmatch.fnmatch(p.name, pat) or fnmatch.fnmatch(str(p), pat) for pat in exclude_patterns
+        )
+    ]
+
+
+def check_scan_files(paths: Sequence[str | os.PathLike[str]]) -> list[Path]:
+    """Read every header and refuse non-images, 2-D or multi-channel images, pixel types that
+    cannot hold Hounsfield units, and fewer than 2 scans; the error names the offending files."""
+    paths = [Path(p) for p in paths]
+    problems: dict[str, list[str]] = {}
+    reader = sitk.ImageFileReader()
+    for path in paths:
+        reader.SetFileName(str(path))
+        try:
+            reader.ReadImageInformation()
+        except RuntimeError:
+            problems.setdefault("not images SimpleITK can read", []).append(str(path))
+            continue
+        size = reader.GetSize()
+        if reader.GetDimension() != 3 or min(size) < 2:
+            problems.setdefault("not 3-D volumes (2-D images or single slices)", []).append(
+                f"{path} ({'x'.join(map(str, size))})"
+            )
+        elif reader.GetNumberOfComponents() != 1:
+            problems.setdefault("not scalar images", []).append(str(path))
+        elif reader.GetPixelID() in (
+            sitk.sitkUInt8,
+            sitk.sitkUInt16,
+            sitk.sitkUInt32,
+            sitk.sitkUInt64,
+        ):
+            problems.setdefault(
+                "unsigned integer images, which cannot hold Hounsfield units (label maps?)", []
+            ).append(str(path))
+    if problems:
+        parts = [
+            f"{len(files)} {kind}: {', '.join(files[:_SHOW])}{' ...' if len(files) > _SHOW else ''}"
+            for kind, files in problems.items()
+        ]
+        raise InputError(
+            "Some training inputs cannot be used as CT scans. "
+            + "; ".join(parts)
+            + ". Train on 3-D CT volumes in Hounsfield units (NIfTI, NRRD, MHA ...; convert DICOM "
+            "series to one volume file each), and leave other files out with --exclude-pattern."
+        )
+    if len(paths) < 2:
+        raise InputError(
+            f"Training needs at least 2 scans (negatives come from other volumes); found "
+            f"{len(paths)}{': ' + str(paths[0]) if paths else ''}. Give more scans."
+        )
+    return paths
+
+
+# --- checkpoints -------------------------------------------------------------------------------
+
+
+def checkpoint_path(output_dir: Path, iteration: int) -> Path:
+    return output_dir / f"checkpoint_{iteration:07d}.pt"
+
+
+def list_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
+    """(iteration, path) of the checkpoints in ``output_dir``, oldest first."""
+    if not output_dir.is_dir():
+        return []
+    found = [(_CHECKPOINT.search(p.name), p) for p in output_dir.iterdir()]
+    return sorted((int(m.group(1)), p) for m, p in found if m)
+
+
+def _rng_states(device: torch.device) -> dict[str, Any]:
+    kind, keys, position, has_gauss, gauss = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, gauss],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else [],
+    }
+
+
+def _set_rng_states(states: dict[str, Any], device: torch.device) -> None:
+    random.setstate(states["python"])
+    kind, keys, position, has_gauss, gauss = states["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, gauss))
+    torch.set_rng_state(states["torch"])
+    if device.type == "cuda":
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+@dataclass
+class TrainingState:
+    """Everything that evolves during training."""
+
+    model: SAMNetwork
+    optimizer: torch.optim.SGD
+    scaler: torch.amp.GradScaler
+    device: torch.device
+    iteration: int = 0  # iterations done
+
+
+def new_training_state(config: SAMTrainConfig, device: torch.device) -> TrainingState:
+    """A freshly initialised network (seeded) with its optimiser and loss scaler."""
+    torch.manual_seed(config.seed)
+    model = SAMNetwork(config.width, config.embedding_dim).to(device).train()
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+    )
+    amp = config.mixed_precision and device.type == "cuda"
+    scaler = torch.amp.GradScaler(device.type, enabled=amp)
+    return TrainingState(model, optimizer, scaler, device)
+
+
+def save_training_checkpoint(
+    state: TrainingState, config: SAMTrainConfig, scans: Sequence[Path], path: Path
+) -> None:
+    """Write model, optimiser, scaler, random states and iteration atomically (temp + rename)."""
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "iteration": state.iteration,
+        "config": config.to_dict(),
+        "scans": [str(p) for p in scans],
+        # "state_dict" and "meta" make the file loadable by load_sam_checkpoint as it is.
+        "state_dict": state.model.state_dict(),
+        "meta": {"width": state.model.width, "embedding_dim": state.model.embedding_dim},
+        "optimizer": state.optimizer.state_dict(),
+        "scaler": state.scaler.state_dict(),
+        "rng": _rng_states(state.device),
+    }
+    partial = path.with_name(path.name + ".partial")
+    try:
+        torch.save(payload, partial)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def load_training_checkpoint(path: Path) -> dict[str, Any]:
+    """Read a training checkpoint safely (weights_only, onto the CPU) and check its layout."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many types for unreadable files; all mean the same here
+        detail = (str(err).strip().splitlines() or [""])[0][:200]
+        raise CheckpointError(
+            f"Training checkpoint {path} cannot be read ({type(err).__name__}: {detail}); it is "
+            "truncated or corrupt. Delete it to resume from the previous checkpoint, or start a "
+            "new run in another output folder."
+        ) from err
+    required = ("iteration", "config", "scans", "state_dict", "optimizer", "scaler", "rng")
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(
+            f"{path} is not a SAM training checkpoint written by train-sam. Point --resume at the "
+            "output folder of a train-sam run."
+        )
+    absent = [k for k in required if k not in payload]
+    if absent:
+        raise CheckpointError(
+            f"Training checkpoint {path} lacks {', '.join(absent)}; it is damaged. Delete it to "
+            "resume from the previous checkpoint."
+        )
+    return payload
+
+
+def _restore(state: TrainingState, payload: dict[str, Any], path: Path) -> None:
+    try:
+        state.model.load_state_dict(payload["state_dict"])
+        state.optimizer.load_state_dict(payload["optimizer"])
+        if payload["scaler"]:  # empty when the run so far had no loss scaling (CPU)
+            state.scaler.load_state_dict(payload["scaler"])
+        _set_rng_states(payload["rng"], state.device)
+    except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as err:
+        detail = (str(err).strip().splitlines() or [""])[0][:300]
+        raise CheckpointError(
+            f"Training checkpoint {path} does not fit this run ({detail}). Delete it to resume from "
+            "the previous checkpoint, or start a new run in another output folder."
+        ) from err
+    state.iteration = int(payload["iteration"])
+
+
+def _check_same_run(
+    payload: dict[str, Any], config: SAMTrainConfig, scans: Sequence[Path], path: Path
+) -> None:
+    stored = SAMTrainConfig.from_dict(payload["config"]).to_dict()
+    wanted = config.to_dict()
+    changed = sorted(k for k in wanted if k not in RESUMABLE_CHANGES and stored.get(k) != wanted[k])
+    if changed:
+        details = ", ".join(f"{k}: {stored.get(k)} -> {wanted[k]}" for k in changed)
+        raise ConfigError(
+            f"Cannot resume from {path}: settings differ from the interrupted run ({details}). "
+            f"Resume with the same settings (only {', '.join(RESUMABLE_CHANGES)} may change), or "
+            "start a new run in another output folder."
+        )
+    if [str(p) for p in scans] != list(payload["scans"]):
+        raise ConfigError(
+            f"Cannot resume from {path}: the training scans differ from the interrupted run's "
+            f"({len(payload['scans'])} then, {len(scans)} now). Give the same scans and exclude "
+            "patterns, or start a new run in another output folder."
+        )
+
+
+# --- training ----------------------------------------------------------------------------------
+
+
+def learning_rate(config: SAMTrainConfig, iteration: int) -> float:
+    """Linear warm-up over ``warmup_iterations``, then constant."""
+    if iteration >= config.warmup_iterations:
+        return config.lr
+    return config.lr * (iteration + 1) / config.warmup_iterations
+
+
+def train_step(state: TrainingState, batch: PairBatch, config: SAMTrainConfig) -> LossTerms:
+    """One SGD step on one batch (autocast + loss scaling on CUDA); returns the loss terms."""
+    for group in state.optimizer.param_groups:
+        group["lr"] = learning_rate(config, state.iteration)
+    batch = batch.to(state.device)
+    with torch.autocast(state.device.type, dtype=torch.float16, enabled=state.scaler.is_enabled()):
+        local, global_ = state.model(batch.images)
+    terms = sam_loss(local, global_, batch, config.loss)
+    if not state.scaler.is_enabled() and not torch.isfinite(terms.total):
+        raise ConfigError(
+            f"SAM training diverged at iteration {state.iteration + 1} (loss {terms.total.item()}). "
+            "Lower --lr or lengthen the warm-up."
+        )
+    state.optimizer.zero_grad(set_to_none=True)
+    state.scaler.scale(terms.total).backward()
+    state.scaler.step(state.optimizer)
+    state.scaler.update()
+    state.iteration += 1
+    return terms
+
+
+def _train_loop(
+    state: TrainingState,
+    config: SAMTrainConfig,
+    dataset: CropPairDataset,
+    paths: Sequence[Path],
+    output_dir: Path,
+    workers: int,
+    progress: Progress | None,
+) -> None:
+    # The loader gets its own generator: drawing its seed from the global one would shift the
+    # global random stream at every (re)start and break exact resumption.
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=None,
+        sampler=range(state.iteration, config.iterations),
+        num_workers=workers,
+        generator=torch.Generator().manual_seed(config.seed),
+    )
+    with open(output_dir / LOG_FILE, "a") as log_file:
+        tick = time.perf_counter()
+        for batch in loader:
+            terms = train_step(state, batch, config)
+            loss = terms.total.item()
+            now = time.perf_counter()
+            log_file.write(
+                f"{state.iteration}\t{loss:.5f}\t{terms.local.item():.5f}\t"
+                f"{terms.global_.item():.5f}\t{learning_rate(config, state.iteration - 1):.6g}\t"
+                f"{now - tick:.3f}\n"
+            )
+            tick = now
+            if progress is not None:
+                progress(state.iteration, config.iterations, loss)
+            if (
+                state.iteration % config.checkpoint_every == 0
+                or state.iteration == config.iterations
+            ):
+                log_file.flush()
+                save_training_checkpoint(
+                    state, config, paths, checkpoint_path(output_dir, state.iteration)
+                )
+                for _, old in list_checkpoints(output_dir)[: -config.keep_checkpoints]:
+                    old.unlink()
+
+
+def _prepare_log(output_dir: Path, iteration: int) -> None:
+    """Keep the log lines up to ``iteration`` (a resumed run rewrites what came after)."""
+    path = output_dir / LOG_FILE
+    header = "iteration\tloss\tlocal\tglobal\tlr\tseconds\n"
+    lines = path.read_text().splitlines(keepends=True)[1:] if path.exists() else []
+    kept = [line for line in lines if int(line.split("\t", 1)[0]) <= iteration]
+    path.write_text(header + "".join(kept))
+
+
+def train_sam(
+    scans: Sequence[str | os.PathLike[str]],
+    output_dir: str | os.PathLike[str],
+    config: SAMTrainConfig | None = None,
+    progress: Progress | None = None,
+    resume: bool = False,
+) -> Path:
+    """Train SAM on ``scans`` (files, checked before any work) and return the final weights file.
+
+    Never train on scans used for evaluation. ``output_dir`` receives checkpoints, ``train_log.tsv``
+    (loss per iteration), ``train_config.json``, a cache of body masks and the final
+    ``sam_trained.pth`` (loadable with ``load_sam_checkpoint``). With ``resume=True`` the run
+    continues from the latest checkpoint in ``output_dir`` as if it had not stopped.
+    """
+    config = config or SAMTrainConfig()
+    config.validate()
+    paths = check_scan_files(scans)
+    output_dir = Path(output_dir)
+    device = resolve_device(config.device)
+    existing = list_checkpoints(output_dir)
+    if existing and not resume:
+        raise OutputError(
+            f"{output_dir} already holds checkpoints of a training run (latest: "
+            f"{existing[-1][1].name}). Resume it with --resume, or choose another output folder."
+        )
+    output_dir.mkdir(parents=True, exist_ok=True)
+    log.info("Training SAM on %d scans on %s; outputs in %s", len(paths), device, output_dir)
+    if config.batch > len(paths):
+        log.warning(
+            "batch %d is larger than the %d scans: some pairs share a scan, so some cross-volume "
+            "negatives come from the same volume. Use more scans or a smaller --batch.",
+            config.batch,
+            len(paths),
+        )
+    state = new_training_state(config, device)
+    if existing:
+        path = existing[-1][1]
+        payload = load_training_checkpoint(path)
+        _check_same_run(payload, config, paths, path)
+        _restore(state, payload, path)
+        log.info("Resuming SAM training from %s (iteration %d)", path, state.iteration)
+    elif resume:
+        log.warning("No checkpoint in %s: starting a new SAM training run.", output_dir)
+    (output_dir / "train_config.json").write_text(
+        json.dumps({"config": config.to_dict(), "scans": [str(p) for p in paths]}, indent=2)
+    )
+    _prepare_log(output_dir, state.iteration)
+
+    workers = config.workers if config.workers is not None else (4 if device.type == "cuda" else 0)
+    dataset = CropPairDataset(
+        paths, config.crops, config.batch, config.seed, output_dir / CACHE_DIR
+    )
+    try:
+        _train_loop(state, config, dataset, paths, output_dir, workers, progress)
+    except torch.OutOfMemoryError as err:
+        raise DeviceError(
+            f"The {device.type.upper()} ran out of memory during SAM training. Lower --batch, "
+            "--patch or --width, then continue with --resume."
+        ) from err
+    final = output_dir / FINAL_WEIGHTS
+    meta = {
+        "iterations": state.iteration,
+        "seed": config.seed,
+        "patch": list(config.crops.patch),
+        "scans": len(paths),
+    }
+    save_sam_checkpoint(state.model, final, meta=meta)
+    return final
