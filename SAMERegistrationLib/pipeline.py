@@ -156,9 +156,8 @@ def register(
             reason = "no SAM-deform network weights were given (deform.weights)"
             log.info("deform stage skipped: %s", reason)
             stages["deform"] = _skipped(reason)
-        else:
-            dense, info = deform.run(config.deform, fixed_work, moving_work, affine, dense, device)
-            stages["deform"] = {"status": "done", "seconds": _lap(clock), **info}
+        else:  # weights were refused before any work (deform.check_available)
+            stages["deform"] = _skipped("no SAM-deform network in this version")
         report("deform", 1, 1)
 
         clock = time.perf_counter()
