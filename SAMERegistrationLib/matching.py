@@ -150,6 +150,7 @@ def find_matches(
     that distance of where the prior sends the query. With no radius the search is global (SAME).
     """
     device = torch.device(device)
+    radius_mm = radius_mm or None  # 0 means the whole image, as SAME searches with SAM
     fix, mov = _Side(fixed, device), _Side(moving, device)
     zyx = grid_queries(moving, config.grid_stride)
     queried = len(zyx)

@@ -128,9 +128,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--verbose", action="store_true", help="show the children's progress and log output"
     )
+    parser.add_argument(
+        "--report", type=Path, metavar="RESULTS.json", help="print the tables of a saved run"
+    )
     parser.add_argument("--worker", nargs=2, metavar=("JOB", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.worker:
+    if args.worker or args.report:
         return args
     if args.quick:
         args.pairs = 2
@@ -564,6 +567,7 @@ def summary_rows(rows: list[dict], features: list[str], breakdown: bool, weights
                     "dice_before_mean": _opt_mean(_values(ok, "mean_dice_before")),
                     "folding_percent_mean": _opt_mean(_values(ok, "folding_percent")),
                     "seconds_mean": _opt_mean(_values(ok, "seconds")),
+                    "seconds_median": _opt_median(_values(ok, "seconds")),
                     "peak_rss_gb_max": max(_values(chosen, "peak_rss_gb"), default=None),
                     "note": "; ".join(notes),
                 }
@@ -575,6 +579,10 @@ def _opt_mean(values: list[float]) -> float | None:
     return statistics.fmean(values) if values else None
 
 
+def _opt_median(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
 def _fmt(value, digits: int) -> str:
     return "—" if value is None else f"{value:.{digits}f}"
 
@@ -582,8 +590,8 @@ def _fmt(value, digits: int) -> str:
 def results_table(summaries: list[dict]) -> str:
     lines = [
         "| features | stage | ok/runs | Dice after (mean ± sd) | Dice before | folding % (mean) "
-        "| time s/pair (mean) | peak RSS GB (max) | note |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| time s/pair (mean) | time s (median) | peak RSS GB (max) | note |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in summaries:
         dice = _fmt(s["dice_mean"], 3)
@@ -592,7 +600,8 @@ def results_table(summaries: list[dict]) -> str:
         lines.append(
             f"| {s['feature']} | {STAGE_LABELS[s['stage']]} | {s['ok']}/{s['runs']} | {dice} "
             f"| {_fmt(s['dice_before_mean'], 3)} | {_fmt(s['folding_percent_mean'], 3)} "
-            f"| {_fmt(s['seconds_mean'], 1)} | {_fmt(s['peak_rss_gb_max'], 2)} | {s['note']} |"
+            f"| {_fmt(s['seconds_mean'], 1)} | {_fmt(s['seconds_median'], 1)} "
+            f"| {_fmt(s['peak_rss_gb_max'], 2)} | {s['note']} |"
         )
     return "\n".join(lines)
 
@@ -679,6 +688,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.worker:
         return run_worker(*args.worker)
+    if args.report:
+        report(json.loads(args.report.read_text()))
+        return 0
 
     openkbp = find_openkbp(args.data)
     patients = validation_patients(openkbp)
@@ -762,39 +774,52 @@ def main(argv: list[str] | None = None) -> int:
                             "threads": args.threads,
                             "verbose": args.verbose,
                         }
-                        report = run_child(job, scratch, code, args.timeout, args.verbose)
-                        new = make_rows(feature, weights[feature], index, pair, variant, report)
+                        child = run_child(job, scratch, code, args.timeout, args.verbose)
+                        new = make_rows(feature, weights[feature], index, pair, variant, child)
                         rows.extend(new)
-                        print(progress_line(new[0], len(pairs), report), flush=True)
+                        print(progress_line(new[0], len(pairs), child), flush=True)
                         save()
             except KeyboardInterrupt:
                 interrupted = True
                 print("\ninterrupted: summarising the runs so far", flush=True)
                 break
 
-    summaries = summary_rows(rows, args.features, args.stages_breakdown, weights)
     machine["load_average_at_end"] = list(os.getloadavg())
+    document.update(complete=not interrupted, finished=datetime.now().isoformat(timespec="seconds"))
+    document.update(report(document))
+    save()
+    print(f"\nSaved {output}")
+    return 130 if interrupted else 0
+
+
+def report(document: dict) -> dict:
+    """Print the tables and warnings of a results document; return what to add to it."""
+    rows, options, machine = document["rows"], document["options"], document["machine"]
+    summaries = summary_rows(
+        rows, options["features"], options["stages_breakdown"], document["weights"]
+    )
     devices = [r.get("device") for r in rows]
     table = results_table(summaries)
-    stage_table = stage_time_table(rows, args.features)
+    stage_table = stage_time_table(rows, options["features"])
     check = affine_check(rows)
+    warning = contention_warning(rows, machine)
     failures = [r for r in rows if r["status"] != "ok" and r["source"] == "run"]
     versions = sorted({r["library_hash"] for r in rows if r.get("library_hash")})
+    overrides = options.get("config_overrides")
 
     print("\n## Results\n")
-    print(machine_line(machine, args.device, devices))
+    print(machine_line(machine, options["device"], devices))
     print(
-        f"Pairs: {len(pairs)} OpenKBP validation pairs, seed {args.seed}; labels scored: those "
-        "present in both images. Time: register() wall clock in the child process (imports "
-        "excluded); peak RSS: ru_maxrss of that process."
+        f"Pairs: {len(document['pairing'])} OpenKBP validation pairs, seed {options['seed']}; "
+        "labels scored: those present in both images. Time: register() wall clock in the child "
+        "process (imports excluded); peak RSS: ru_maxrss of that process."
     )
-    if args.overrides:
-        print(f"Configuration overrides for every run: {json.dumps(args.overrides)}")
+    if overrides:
+        print(f"Configuration overrides for every run: {json.dumps(overrides)}")
     print()
     print(table)
     print("\nMean seconds per stage in the full runs (result.stages):\n")
     print(stage_table if stage_table.count("\n") > 1 else "(no successful full runs)")
-    warning = contention_warning(rows, machine)
     if len(versions) > 1:
         print(
             f"\nWarning: the library's source changed during the benchmark ({len(versions)} "
@@ -811,20 +836,15 @@ def main(argv: list[str] | None = None) -> int:
         for r in failures:
             print(f"  {r['feature']} {r['stage']} pair {r['pair']} {r['fixed']} <- {r['moving']}")
             print(f"    {r['error']}")
-    document.update(
-        complete=not interrupted,
-        finished=datetime.now().isoformat(timespec="seconds"),
-        summary=summaries,
-        affine_check_max_dice_difference=check,
-        contention_warning=warning,
-        library_hashes=versions,
-        table_markdown=table,
-        stage_time_table_markdown=stage_table,
-        devices=sorted(set(filter(None, devices))),
-    )
-    save()
-    print(f"\nSaved {output}")
-    return 130 if interrupted else 0
+    return {
+        "summary": summaries,
+        "affine_check_max_dice_difference": check,
+        "contention_warning": warning,
+        "library_hashes": versions,
+        "table_markdown": table,
+        "stage_time_table_markdown": stage_table,
+        "devices": sorted(set(filter(None, devices))),
+    }
 
 
 def _interrupt(signum, frame) -> None:
