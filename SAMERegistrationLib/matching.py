@@ -206,6 +206,47 @@ def find_matches(
     )
 
 
+def nearest_matches(
+    fixed: FeatureMaps,
+    moving: FeatureMaps,
+    moving_zyx: np.ndarray,
+    prior: np.ndarray | None = None,
+    radius_mm: float | None = None,
+    device: torch.device | str = "cpu",
+    memory_mb: float = 256.0,
+) -> Matches:
+    """The nearest fixed embedding of each given moving feature voxel: one way, no cycle check,
+    no threshold (what SSCC starts from). Voxels outside the moving body are dropped.
+
+    ``moving_zyx`` are (N, 3) voxel indices of the moving feature grid; ``prior`` and
+    ``radius_mm`` restrict the search as in ``find_matches``. Peaks are refined to sub-voxel
+    precision as in ``find_matches``.
+    """
+    device = torch.device(device)
+    radius_mm = radius_mm or None
+    fix, mov = _Side(fixed, device), _Side(moving, device)
+    zyx = np.asarray(moving_zyx, dtype=np.int64).reshape(-1, 3)
+    inside = np.all((zyx >= 0) & (zyx < np.array(mov.shape)), axis=1)
+    rows = mov.lookup[np.ravel_multi_index(zyx[inside].T, mov.shape)]
+    rows = rows[rows >= 0]
+    prior = np.eye(4) if prior is None else prior
+    expected = _apply(np.linalg.inv(prior), mov.positions) if radius_mm else None
+    _search(rows, mov, fix, expected, radius_mm, int(memory_mb * 2**20))
+    found = mov.nearest[rows]
+    fixed_mm = (
+        _refine_subvoxel(fix, fix.zyx[found], mov.descriptors[torch.as_tensor(rows)])
+        if len(rows)
+        else np.zeros((0, 3))
+    )
+    return Matches(
+        fixed=fixed_mm,
+        moving=mov.positions[rows],
+        similarity=mov.best[rows].astype(np.float64),
+        queried=len(zyx),
+        stable=0,
+    )
+
+
 def _apply(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
     return points @ matrix[:3, :3].T + matrix[:3, 3]
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+from functools import cache
 from pathlib import Path
 
 import torch
@@ -16,11 +19,60 @@ from .sam_network import GLOBAL_STRIDE, LOCAL_STRIDE, load_sam_checkpoint
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
 DEFAULT_WEIGHTS = MODELS / "sam_default.pt"
+#: The shipped model's record: its SHA256 and how it was trained (the model card has the rest).
+DEFAULT_RECORD = MODELS / "sam_default.json"
 
 
 def default_weights() -> Path | None:
     """The SAM model shipped with the library, if this installation has it."""
     return DEFAULT_WEIGHTS if DEFAULT_WEIGHTS.is_file() else None
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify_shipped_weights(
+    weights: str | os.PathLike = DEFAULT_WEIGHTS, record: str | os.PathLike = DEFAULT_RECORD
+) -> str:
+    """Check shipped weights against the SHA256 in their record; return the hash.
+
+    A damaged or replaced file would give wrong embeddings without any error, so it is refused.
+    """
+    weights, record = Path(weights), Path(record)
+    try:
+        expected = json.loads(record.read_text())["sha256"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(
+            f"The record of the shipped SAM model ({record}) is missing or unreadable ({err}). "
+            "Reinstall SAMERegistration, or pass --weights PATH/TO/SAM.pth."
+        ) from err
+    actual = _cached_sha256(str(weights), *_stamp(weights))
+    if actual != expected:
+        raise CheckpointError(
+            f"The shipped SAM model {weights} does not match its recorded SHA256 (expected "
+            f"{expected[:16]}..., found {actual[:16]}...): the file is damaged or was replaced. "
+            "Reinstall SAMERegistration, or pass --weights PATH/TO/SAM.pth."
+        )
+    return actual
+
+
+def _stamp(path: Path) -> tuple[int, int]:
+    try:
+        info = path.stat()
+    except OSError as err:
+        raise CheckpointError(f"The shipped SAM model {path} cannot be read ({err}).") from err
+    return info.st_size, info.st_mtime_ns
+
+
+@cache
+def _cached_sha256(path: str, size: int, mtime_ns: int) -> str:
+    """Hash once per file version (size and time key the cache) and process."""
+    return file_sha256(path)
 
 
 class SamExtractor:
@@ -35,6 +87,8 @@ class SamExtractor:
                 "this installation. Pass --weights PATH/TO/SAM.pth, or use --features mind."
             )
         self.weights = Path(weights)
+        if self.weights.resolve() == DEFAULT_WEIGHTS.resolve():
+            verify_shipped_weights(self.weights)
         self.device = torch.device(device)
         self.network = load_sam_checkpoint(self.weights).to(self.device).eval()
 

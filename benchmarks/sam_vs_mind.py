@@ -1,0 +1,297 @@
+"""Compare SAM embeddings with MIND-SSC features on OpenKBP validation patients.
+
+    python benchmarks/sam_vs_mind.py                          # the shipped SAM model
+    python benchmarks/sam_vs_mind.py --sam-weights SAM.pth    # another SAM checkpoint
+    python benchmarks/sam_vs_mind.py --cases 1 --pairs 1      # a quick look
+
+Three measures, each for SAM and for MIND (with the search each uses in the pipeline: SAM over
+the whole image, MIND in a 20 mm window around the initial alignment; MIND over the whole image
+is listed too, to show why it needs the window):
+
+1. Matching error under known deformations. Each validation CT is warped by a known smooth random
+   deformation; for the pipeline's grid points in the warped scan, the error (mm) of the
+   nearest-embedding match in the original, before and after cycle-consistent stable sampling
+   (SSCC, with the 0.7 similarity threshold), and the share of grid points SSCC keeps.
+2. Organ landmarks. On seeded pairs of validation patients, for each organ present in both
+   scans: does the match of the moving organ's centroid fall inside the same organ of the fixed
+   scan?
+3. Inter-patient Dice after the affine and the affine + coarse stages, on the same pairs.
+
+Results are printed as markdown tables and saved to ``benchmarks/results/sam_vs_mind-<time>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from run_pairs import affine_metrics, draw_pairs, find_openkbp, machine_info  # noqa: E402
+from run_pairs import validation_patients  # noqa: E402
+
+from SAMERegistrationLib import register  # noqa: E402
+from SAMERegistrationLib.config import FEATURE_DEFAULTS, MatchingConfig  # noqa: E402
+from SAMERegistrationLib.errors import RegistrationFailed  # noqa: E402
+from SAMERegistrationLib.features.mind import MindExtractor  # noqa: E402
+from SAMERegistrationLib.features.sam import SamExtractor, default_weights  # noqa: E402
+from SAMERegistrationLib.grid import Grid  # noqa: E402
+from SAMERegistrationLib.image import read_image, to_working_grid  # noqa: E402
+from SAMERegistrationLib.matching import find_matches, grid_queries, nearest_matches  # noqa: E402
+from SAMERegistrationLib.stages.initial import search_translation  # noqa: E402
+from SAMERegistrationLib.synthetic import known_pair, smooth_displacement  # noqa: E402
+
+RESULTS = REPO / "benchmarks" / "results"
+# The searches compared: (row name, feature type, search radius in mm; 0 = whole image).
+SEARCHES = (
+    ("SAM", "sam", FEATURE_DEFAULTS["sam"]["matching.search_radius_mm"]),
+    ("MIND (20 mm window)", "mind", FEATURE_DEFAULTS["mind"]["matching.search_radius_mm"]),
+    ("MIND (whole image)", "mind", 0.0),
+)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--sam-weights", type=Path, help="SAM checkpoint (default: the shipped one)"
+    )
+    parser.add_argument("--cases", type=int, default=4, help="warped validation CTs (4)")
+    parser.add_argument("--pairs", type=int, default=8, help="inter-patient pairs (8)")
+    parser.add_argument("--warp-mm", type=float, default=12.0, help="largest warp vector (12 mm)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the warps and pairing (0)")
+    parser.add_argument("--data", type=Path, help="shared data folder or its openkbp folder")
+    parser.add_argument("--output", type=Path, help="results JSON (default: benchmarks/results/)")
+    args = parser.parse_args(argv)
+    args.sam_weights = args.sam_weights or default_weights()
+    if args.sam_weights is None:
+        parser.error("no SAM weights ship with this installation: pass --sam-weights")
+    return args
+
+
+def prior_from(translation_mm: list[float]) -> np.ndarray:
+    matrix = np.eye(4)
+    matrix[:3, 3] = translation_mm
+    return matrix
+
+
+# --- 1. matching error under known deformations ------------------------------------------------
+
+
+def warp_case(ct: sitk.Image, magnitude_mm: float, seed: int):
+    """The CT as moving image and a copy warped by a known smooth map as fixed image."""
+    moving = sitk.Cast(ct, sitk.sitkFloat32)
+    phi = smooth_displacement(Grid.from_sitk(moving), magnitude_mm, seed=seed)
+    return known_pair(moving, phi)
+
+
+def matching_errors(pair, extractors: dict, seed: int) -> dict:
+    """Per search: errors (mm) of one-way matches and of SSCC-kept matches, and the share kept."""
+    fixed_work = to_working_grid(pair.fixed, 2.0)
+    moving_work = to_working_grid(pair.moving, 2.0)
+    maps = {
+        name: (extractor.extract(fixed_work), extractor.extract(moving_work))
+        for name, extractor in extractors.items()
+    }
+    rows = {}
+    for row, feature, radius in SEARCHES:
+        fixed_maps, moving_maps = maps[feature]
+        prior, _ = search_translation(fixed_maps, moving_maps)
+        queries = grid_queries(moving_maps, MatchingConfig().grid_stride)
+        raw = nearest_matches(fixed_maps, moving_maps, queries, prior, radius)
+        stable = find_matches(fixed_maps, moving_maps, MatchingConfig(), prior, radius)
+        rows[row] = {
+            "one_way_mm": _errors(pair, raw),
+            "sscc_mm": _errors(pair, stable),
+            "grid_points": stable.queried,
+            "kept": len(stable),
+        }
+    return rows
+
+
+def _errors(pair, matches) -> list[float]:
+    """How far the true map sends each matched fixed point from its moving point (mm)."""
+    if len(matches) == 0:
+        return []
+    truth = pair.true_map(matches.fixed)
+    return np.linalg.norm(truth - matches.moving, axis=1).round(3).tolist()
+
+
+# --- 2 and 3. inter-patient pairs ------------------------------------------------------------
+
+
+def organ_landmarks(result, fixed_labels: sitk.Image, moving_labels: sitk.Image) -> dict:
+    """For each organ in both scans: is the match of the moving centroid inside the fixed organ?"""
+    stats = sitk.LabelShapeStatisticsImageFilter()
+    stats.Execute(moving_labels)
+    fixed_present = set(np.unique(sitk.GetArrayViewFromImage(fixed_labels))) - {0}
+    organs = [label for label in stats.GetLabels() if label in fixed_present]
+    if not organs:
+        return {}
+    fixed_maps, moving_maps = result.fixed_features, result.moving_features
+    centroids = np.array([stats.GetCentroid(label) for label in organs])
+    zyx = np.round(moving_maps.grid.physical_to_index(centroids)).astype(int)[:, ::-1]
+    config = result.config
+    prior = prior_from(result.stages["initial"]["translation_mm"])
+    hits = {}
+    for label, voxel in zip(organs, zyx):
+        found = nearest_matches(
+            fixed_maps, moving_maps, voxel[None], prior, config.matching.search_radius_mm
+        )
+        if len(found) == 0:  # the centroid lies outside the moving body mask
+            hits[str(label)] = False
+            continue
+        index = fixed_labels.TransformPhysicalPointToContinuousIndex(found.fixed[0].tolist())
+        index = [int(round(i)) for i in index]
+        inside = all(0 <= i < n for i, n in zip(index, fixed_labels.GetSize()))
+        hits[str(label)] = bool(inside and fixed_labels[index] == label)
+    return hits
+
+
+def run_pair(openkbp: Path, fixed: str, moving: str, feature: str, weights: Path | None) -> dict:
+    paths = {k: openkbp / f"{name}_{kind}.nii.gz" for k, name, kind in _files(fixed, moving)}
+    clock = time.perf_counter()
+    try:
+        result = register(
+            str(paths["fixed_ct"]),
+            str(paths["moving_ct"]),
+            fixed_labels=str(paths["fixed_label"]),
+            moving_labels=str(paths["moving_label"]),
+            features=feature,
+            sam_weights=str(weights) if feature == "sam" else None,
+            instance__enabled=False,
+            deform__enabled=False,
+        )
+    except RegistrationFailed as err:
+        return {"status": "refused", "reason": str(err)}
+    seconds = time.perf_counter() - clock
+    affine = affine_metrics(result, str(paths["fixed_label"]), str(paths["moving_label"]))
+    landmarks = organ_landmarks(
+        result,
+        sitk.ReadImage(str(paths["fixed_label"])),
+        sitk.ReadImage(str(paths["moving_label"])),
+    )
+    return {
+        "status": "done",
+        "seconds": round(seconds, 1),
+        "dice_unregistered": result.metrics.get("mean_dice_before"),
+        "dice_affine": affine["mean_dice_after"],
+        "dice_coarse": result.metrics.get("mean_dice_after"),
+        "landmark_hits": landmarks,
+        "matches_kept": len(result.matches),
+    }
+
+
+def _files(fixed: str, moving: str):
+    for role, name in (("fixed", fixed), ("moving", moving)):
+        for kind in ("ct", "label"):
+            yield f"{role}_{kind}", name, kind
+
+
+# --- report ----------------------------------------------------------------------------------
+
+
+def _stat(values: list[float], fn) -> str:
+    return f"{fn(values):.2f}" if values else "n/a"
+
+
+def matching_table(cases: list[dict]) -> str:
+    lines = [
+        "| features (search) | one-way median mm | one-way < 4 mm | SSCC median mm | "
+        "SSCC < 4 mm | SSCC share kept |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row, _, _ in SEARCHES:
+        raw = [e for case in cases for e in case[row]["one_way_mm"]]
+        kept = [e for case in cases for e in case[row]["sscc_mm"]]
+        queried = sum(case[row]["grid_points"] for case in cases)
+        share = sum(case[row]["kept"] for case in cases) / max(queried, 1)
+        lines.append(
+            f"| {row} | {_stat(raw, statistics.median)} | {_share(raw)} | "
+            f"{_stat(kept, statistics.median)} | {_share(kept)} | {100 * share:.1f} % |"
+        )
+    return "\n".join(lines)
+
+
+def _share(errors: list[float], limit: float = 4.0) -> str:
+    return f"{100 * np.mean(np.array(errors) < limit):.1f} %" if errors else "n/a"
+
+
+def pairs_table(pairs: list[dict]) -> str:
+    lines = [
+        "| features | pairs registered | Dice affine | Dice +coarse | organ landmarks inside | "
+        "time s/pair |",
+        "|---|---|---|---|---|---|",
+    ]
+    for feature in ("sam", "mind"):
+        runs = [p[feature] for p in pairs]
+        done = [r for r in runs if r["status"] == "done"]
+        hits = [h for r in done for h in r["landmark_hits"].values()]
+        affine = [r["dice_affine"] for r in done]
+        coarse = [r["dice_coarse"] for r in done]
+        lines.append(
+            f"| {feature.upper()} | {len(done)}/{len(runs)} | "
+            f"{_mean_sd(affine)} | {_mean_sd(coarse)} | "
+            f"{100 * np.mean(hits) if hits else float('nan'):.1f} % ({sum(hits)}/{len(hits)}) | "
+            f"{_stat([r['seconds'] for r in done], statistics.mean)} |"
+        )
+    return "\n".join(lines)
+
+
+def _mean_sd(values: list[float]) -> str:
+    if not values:
+        return "n/a"
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.3f} ± {sd:.3f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    openkbp = find_openkbp(args.data)
+    patients = validation_patients(openkbp)
+    device = torch.device("cpu")
+    extractors = {"sam": SamExtractor(args.sam_weights, device), "mind": MindExtractor(device)}
+    document = {
+        "sam_weights": str(args.sam_weights),
+        "machine": machine_info(),
+        "settings": {k: str(v) for k, v in vars(args).items()},
+        "cases": [],
+        "pairs": [],
+    }
+    rng = np.random.default_rng(args.seed)
+    for i, name in enumerate(rng.choice(patients, size=args.cases, replace=False)):
+        ct = read_image(str(openkbp / f"{name}_ct.nii.gz"))
+        errors = matching_errors(warp_case(ct, args.warp_mm, args.seed + i), extractors, args.seed)
+        document["cases"].append({"patient": str(name), **errors})
+        print(f"warped case {i + 1}/{args.cases} ({name}) done", file=sys.stderr)
+    for i, (fixed, moving) in enumerate(draw_pairs(patients, args.pairs, args.seed)):
+        entry = {"fixed": fixed, "moving": moving}
+        for feature in ("sam", "mind"):
+            entry[feature] = run_pair(openkbp, fixed, moving, feature, args.sam_weights)
+        document["pairs"].append(entry)
+        print(f"pair {i + 1}/{args.pairs} ({fixed} <- {moving}) done", file=sys.stderr)
+
+    print(f"\nMatching error under known smooth warps (max {args.warp_mm:g} mm), ", end="")
+    print(f"{args.cases} validation CTs:\n")
+    print(matching_table(document["cases"]))
+    print(f"\nInter-patient, {args.pairs} seeded validation pairs:\n")
+    print(pairs_table(document["pairs"]))
+    output = args.output or RESULTS / f"sam_vs_mind-{datetime.now():%Y%m%d-%H%M%S}.json"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(document, indent=1))
+    print(f"\nsaved: {output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
