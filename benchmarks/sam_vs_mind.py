@@ -38,8 +38,13 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from run_pairs import affine_metrics, draw_pairs, find_openkbp, machine_info  # noqa: E402
-from run_pairs import validation_patients  # noqa: E402
+from run_pairs import (  # noqa: E402
+    affine_metrics,
+    draw_pairs,
+    find_openkbp,
+    machine_info,
+    validation_patients,  # noqa: E402
+)
 
 from SAMERegistrationLib import register  # noqa: E402
 from SAMERegistrationLib.config import FEATURE_DEFAULTS, MatchingConfig  # noqa: E402
