@@ -2,6 +2,8 @@
 
 same-register FIXED MOVING -o OUT [options]   register two CT scans
 same-register demo -o OUT                      register a synthetic pair with a known answer
+same-register train-sam SCANS -o OUT           train the SAM network (self-supervised)
+same-register train-deform SCANS -o OUT        train the SAM-deform network on pairs of scans
 """
 
 from __future__ import annotations
@@ -27,6 +29,10 @@ def main(argv: list[str] | None = None) -> int:
         from .train.cli import main as train_sam_main
 
         return train_sam_main(argv[1:])
+    if argv and argv[0] == "train-deform":
+        from .train.deform_cli import main as train_deform_main
+
+        return train_deform_main(argv[1:])
     if argv and argv[0] == "demo":
         parser = _demo_parser()
         args = parser.parse_args(argv[1:])
@@ -55,7 +61,7 @@ def _common_options(parser: argparse.ArgumentParser) -> None:
         "--features", choices=["auto", "sam", "mind"], help="embeddings (default: auto)"
     )
     parser.add_argument("--weights", help="SAM checkpoint (official SAM.pth or our own)")
-    parser.add_argument("--deform-weights", help="SAM-deform network weights")
+    parser.add_argument("--deform-weights", help="SAM-deform network weights (from train-deform)")
     parser.add_argument(
         "--stages",
         help=f"comma-separated stages to run, from {','.join(STAGES)} (default: all)",

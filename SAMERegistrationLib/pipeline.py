@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -16,10 +17,10 @@ from .config import RegistrationConfig
 from .device import describe_device, memory_guard, resolve_device
 from .errors import RegistrationFailed
 from .evaluate import dice_per_label, mean_dice
-from .features import FeatureMaps, make_extractor
+from .features import FeatureExtractor, FeatureMaps, make_extractor
 from .grid import Grid
 from .image import ImageLike, WorkingImage, check_ct, check_labels, read_image, to_working_grid
-from .matching import find_matches
+from .matching import Matches, find_matches
 from .result import RegistrationResult
 from .stages import deform
 from .stages.affine import fit_affine
@@ -71,99 +72,42 @@ def register(
     device = resolve_device(config.device)
     extractor = make_extractor(config, device)
     config = config.resolved_for(extractor.name)
+    network = None
     if config.deform.enabled and config.deform.weights:
-        deform.check_available(config.deform)
+        network = deform.load_model(
+            config.deform,
+            extractor.name,
+            getattr(extractor, "weights", None),
+            config.working_spacing_mm,
+            device,
+        )
     torch.manual_seed(config.seed)
     np.random.seed(config.seed)
 
     with memory_guard(device, config.working_spacing_mm):
-        report("prepare", 0, 2)
-        fixed_work = to_working_grid(fixed_image, config.working_spacing_mm)
-        report("prepare", 1, 2)
-        moving_work = to_working_grid(moving_image, config.working_spacing_mm)
-        report("prepare", 2, 2)
-        stages["prepare"] = {"seconds": _lap(clock), "working_grid": fixed_work.grid.to_dict()}
+        pre = pre_align(fixed_image, moving_image, config, extractor, device, report, clock)
+        stages.update(pre.stages)
+        dense, grid = pre.dense, pre.fixed.grid
 
         clock = time.perf_counter()
-        report("features", 0, 2)
-        fixed_maps = extractor.extract(fixed_work)
-        report("features", 1, 2)
-        moving_maps = extractor.extract(moving_work)
-        report("features", 2, 2)
-        stages["features"] = {"seconds": _lap(clock), "extractor": extractor.name}
-
-        clock = time.perf_counter()
-        prior, info = _initial_alignment(fixed_maps, moving_maps, config.initialisation)
-        stages["initial"] = {"seconds": _lap(clock), "method": config.initialisation, **info}
-
-        clock = time.perf_counter()
-        report("matching", 0, 1)
-        matches = find_matches(
-            fixed_maps,
-            moving_maps,
-            config.matching,
-            prior,
-            config.matching.search_radius_mm,
-            device,
-        )
-        report("matching", 1, 1)
-        stages["matching"] = {"seconds": _lap(clock), **matches.summary()}
-        _check_shared_anatomy(matches, config.matching.min_match_share)
-
-        affine = prior
-        clock = time.perf_counter()
-        if config.affine.enabled:
-            radii = config.affine.refine_radii_mm
-            affine, info = fit_affine(matches, config.affine)
-            for i, radius in enumerate(radii):
-                report("affine", i + 1, len(radii) + 1)
-                matches = find_matches(
-                    fixed_maps, moving_maps, config.matching, affine, radius, device
-                )
-                affine, info = fit_affine(matches, config.affine)
-            report("affine", len(radii) + 1, len(radii) + 1)
-            stages["affine"] = {"status": "done", "seconds": _lap(clock), **info}
-        else:
-            stages["affine"] = _skipped("disabled", "initial alignment kept")
-        _check_overlap(fixed_work, moving_work, affine)
-
-        grid = fixed_work.grid
-        dense = torch.zeros((1, 3, *grid.shape), device=device)
-        coarse_matches = matches
-        clock = time.perf_counter()
-        if config.coarse.enabled:
-            if config.coarse.rematch_radius_mm:
-                coarse_matches = find_matches(
-                    fixed_maps, moving_maps, config.matching, affine,
-                    config.coarse.rematch_radius_mm, device,
-                )  # fmt: skip
-            if len(coarse_matches) >= 4:
-                coarse, coarse_grid, info = fit_coarse(
-                    coarse_matches, affine, grid, config.coarse, device,
-                    lambda i, n, loss: report("coarse", i, n),
-                )  # fmt: skip
-                dense = spatial.resample_field(coarse, coarse_grid, grid)
-                stages["coarse"] = {"status": "done", "seconds": _lap(clock), **info}
-            else:
-                stages["coarse"] = _skipped("too few matches", f"{len(coarse_matches)} matches")
-        else:
-            stages["coarse"] = _skipped("disabled")
-
-        clock = time.perf_counter()
+        report("deform", 0, 1)
         if not config.deform.enabled:
             stages["deform"] = _skipped("disabled")
-        elif not config.deform.weights:
+        elif network is None:
             reason = "no SAM-deform network weights were given (deform.weights)"
             log.info("deform stage skipped: %s", reason)
             stages["deform"] = _skipped(reason)
-        else:  # weights were refused before any work (deform.check_available)
-            stages["deform"] = _skipped("no SAM-deform network in this version")
+        else:
+            dense, info = deform.apply_deform(
+                network, pre.fixed, pre.moving, pre.fixed_maps, pre.moving_maps, pre.affine, dense
+            )
+            stages["deform"] = {"status": "done", "seconds": _lap(clock), **info}
         report("deform", 1, 1)
 
         clock = time.perf_counter()
         if config.instance.enabled:
             dense, info = optimise_instance(
-                fixed_maps, moving_maps, affine, dense, grid, config.instance,
+                pre.fixed_maps, pre.moving_maps, pre.affine, dense, grid, config.instance,
                 lambda i, n, loss: report("instance", i, n),
             )  # fmt: skip
             stages["instance"] = {"status": "done", "seconds": _lap(clock), **info}
@@ -174,17 +118,17 @@ def register(
     result = RegistrationResult(
         fixed_grid=Grid.from_sitk(fixed_image),
         working_grid=grid,
-        affine=affine,
+        affine=pre.affine,
         dense=dense[0].cpu().numpy().astype(np.float32),
-        matches=matches,
+        matches=pre.matches,
         config=config,
         features=extractor.name,
         device=describe_device(device),
         stages=stages,
-        fixed_features=fixed_maps,
-        moving_features=moving_maps,
+        fixed_features=pre.fixed_maps,
+        moving_features=pre.moving_maps,
     )
-    result.metrics["folding_percent"] = _folding(result, fixed_work)
+    result.metrics["folding_percent"] = _folding(result, pre.fixed)
     if "fixed" in labels and "moving" in labels:
         result.metrics.update(_dice_report(result, labels["fixed"], labels["moving"]))
     if "moving" in labels:
@@ -192,6 +136,110 @@ def register(
     report("finish", 1, 1)
     stages["finish"] = {"seconds": _lap(clock)}
     return result
+
+
+@dataclass
+class PreAlignment:
+    """A pair after the affine and coarse stages: the map ``p -> A(p + dense(p))`` and its inputs."""
+
+    fixed: WorkingImage
+    moving: WorkingImage
+    fixed_maps: FeatureMaps
+    moving_maps: FeatureMaps
+    matches: Matches
+    affine: np.ndarray  # 4x4 fixed -> moving, LPS mm
+    dense: torch.Tensor  # (1, 3, D, H, W) mm on fixed.grid: the coarse stage's field, or zero
+    stages: dict[str, dict]
+    coarse: torch.Tensor | None = None  # the coarse stage's own field (mm) on coarse_grid
+    coarse_grid: Grid | None = None
+
+
+def pre_align(
+    fixed_image: sitk.Image,
+    moving_image: sitk.Image,
+    config: RegistrationConfig,
+    extractor: FeatureExtractor,
+    device: torch.device,
+    report: ProgressCallback | None = None,
+    clock: float | None = None,
+) -> PreAlignment:
+    """Working grids, features, initial alignment, matching, and the affine and coarse stages.
+
+    ``config`` must be resolved for the extractor's feature type (``resolved_for``) and the images
+    checked with ``check_ct``; ``clock`` is when the preparation started, for its timing.
+    """
+    report = report or (lambda stage, done, total: None)
+    clock = time.perf_counter() if clock is None else clock
+    stages: dict[str, dict] = {}
+    report("prepare", 0, 2)
+    fixed_work = to_working_grid(fixed_image, config.working_spacing_mm)
+    report("prepare", 1, 2)
+    moving_work = to_working_grid(moving_image, config.working_spacing_mm)
+    report("prepare", 2, 2)
+    stages["prepare"] = {"seconds": _lap(clock), "working_grid": fixed_work.grid.to_dict()}
+
+    clock = time.perf_counter()
+    report("features", 0, 2)
+    fixed_maps = extractor.extract(fixed_work)
+    report("features", 1, 2)
+    moving_maps = extractor.extract(moving_work)
+    report("features", 2, 2)
+    stages["features"] = {"seconds": _lap(clock), "extractor": extractor.name}
+
+    clock = time.perf_counter()
+    prior, info = _initial_alignment(fixed_maps, moving_maps, config.initialisation)
+    stages["initial"] = {"seconds": _lap(clock), "method": config.initialisation, **info}
+
+    clock = time.perf_counter()
+    report("matching", 0, 1)
+    matches = find_matches(
+        fixed_maps, moving_maps, config.matching, prior, config.matching.search_radius_mm, device
+    )
+    report("matching", 1, 1)
+    stages["matching"] = {"seconds": _lap(clock), **matches.summary()}
+    _check_shared_anatomy(matches, config.matching.min_match_share)
+
+    affine = prior
+    clock = time.perf_counter()
+    if config.affine.enabled:
+        radii = config.affine.refine_radii_mm
+        affine, info = fit_affine(matches, config.affine)
+        for i, radius in enumerate(radii):
+            report("affine", i + 1, len(radii) + 1)
+            matches = find_matches(fixed_maps, moving_maps, config.matching, affine, radius, device)
+            affine, info = fit_affine(matches, config.affine)
+        report("affine", len(radii) + 1, len(radii) + 1)
+        stages["affine"] = {"status": "done", "seconds": _lap(clock), **info}
+    else:
+        stages["affine"] = _skipped("disabled", "initial alignment kept")
+    _check_overlap(fixed_work, moving_work, affine)
+
+    grid = fixed_work.grid
+    dense = torch.zeros((1, 3, *grid.shape), device=device)
+    coarse, coarse_grid = None, None
+    coarse_matches = matches
+    clock = time.perf_counter()
+    if config.coarse.enabled:
+        if config.coarse.rematch_radius_mm:
+            coarse_matches = find_matches(
+                fixed_maps, moving_maps, config.matching, affine,
+                config.coarse.rematch_radius_mm, device,
+            )  # fmt: skip
+        if len(coarse_matches) >= 4:
+            coarse, coarse_grid, info = fit_coarse(
+                coarse_matches, affine, grid, config.coarse, device,
+                lambda i, n, loss: report("coarse", i, n),
+            )  # fmt: skip
+            dense = spatial.resample_field(coarse, coarse_grid, grid)
+            stages["coarse"] = {"status": "done", "seconds": _lap(clock), **info}
+        else:
+            stages["coarse"] = _skipped("too few matches", f"{len(coarse_matches)} matches")
+    else:
+        stages["coarse"] = _skipped("disabled")
+    return PreAlignment(
+        fixed_work, moving_work, fixed_maps, moving_maps, matches, affine, dense, stages,
+        coarse, coarse_grid,
+    )  # fmt: skip
 
 
 def _lap(start: float) -> float:

@@ -79,6 +79,26 @@ def compose(outer: torch.Tensor, inner: torch.Tensor, grid: Grid) -> torch.Tenso
     return inner + sample(outer, grid, points)
 
 
+def pull(
+    volume: torch.Tensor,
+    volume_grid: Grid,
+    affine: torch.Tensor,
+    dense: torch.Tensor,
+    dense_grid: Grid,
+    target: Grid,
+    mode: str = "bilinear",
+) -> torch.Tensor:
+    """A moving-space volume sampled through ``p -> A(p + u(p))`` at the voxels of ``target``.
+
+    ``affine`` is the 4x4 fixed -> moving matrix and ``dense`` the displacement u on ``dense_grid``;
+    the result is (1, C, *target.shape), the volume resampled onto the fixed side.
+    """
+    points = voxel_points(target, dense.device)
+    inner = sample(dense, dense_grid, points).permute(0, 2, 3, 4, 1)
+    matrix = affine.to(device=dense.device, dtype=points.dtype)
+    return sample(volume, volume_grid, apply_affine(matrix, points + inner), mode)
+
+
 def integrate_velocity(velocity: torch.Tensor, grid: Grid, steps: int = 7) -> torch.Tensor:
     """Scaling and squaring: the displacement of exp(v) for a stationary velocity field (mm)."""
     disp = velocity / (2.0**steps)

@@ -111,9 +111,9 @@ def test_mismatched_checkpoint(capsys, tmp_path, phantom):
     assert_refused(capsys, tmp_path / "out", args, str(wrong), "SAM")
 
 
-def test_deform_weights_without_network_refused_before_work(capsys, tmp_path, phantom):
+def test_missing_deform_weights_refused_before_work(capsys, tmp_path, phantom):
     args = [phantom["image"], phantom["image"], "--deform-weights", tmp_path / "deform.pt"]
-    assert_refused(capsys, tmp_path / "out", args, "SAM-deform")
+    assert_refused(capsys, tmp_path / "out", args, "SAM-deform", "does not exist")
 
 
 def test_unknown_configuration_key(capsys, tmp_path, phantom):

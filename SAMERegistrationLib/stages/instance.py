@@ -79,9 +79,6 @@ def _pull_features(
     moving: FeatureMaps, affine: np.ndarray, dense: torch.Tensor, dense_grid: Grid, grid: Grid
 ) -> torch.Tensor:
     """Moving global and local features sampled through p -> A(p + u(p)) on ``grid``."""
-    points = spatial.voxel_points(grid, dense.device)
-    inner = spatial.sample(dense, dense_grid, points).permute(0, 2, 3, 4, 1)
-    matrix = torch.as_tensor(affine, dtype=torch.float32, device=dense.device)
-    mapped = spatial.apply_affine(matrix, points + inner)
     features = torch.cat([moving.global_, moving.local], dim=1)
-    return spatial.sample(features, moving.grid, mapped)
+    matrix = torch.as_tensor(affine, dtype=torch.float32)
+    return spatial.pull(features, moving.grid, matrix, dense, dense_grid, grid)

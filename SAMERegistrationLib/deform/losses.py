@@ -1,0 +1,73 @@
+"""The SAM-deform training objective: image similarity + SAM feature similarity + smoothness.
+
+- similarity: local NCC (``lncc``, SAME's cov^2 / (var var + 1e-5) over a cubic window) or global
+  NCC (``ncc``), averaged over the voxels where the warped moving body mask exceeds 0.8;
+- SAM loss: 1 - cosine between the fixed embeddings and the moving embeddings pulled through the
+  whole map, averaged over the fixed body on the feature grid;
+- smoothness: squared forward differences of the network's output (voxels), averaged per axis.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+SIMILARITIES = ("lncc", "ncc")
+MASK_LEVEL = 0.8
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    weight = mask.to(values.dtype)
+    return (values * weight).sum() / weight.sum().clamp_min(1.0)
+
+
+def local_ncc(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor, window: int) -> torch.Tensor:
+    """Mean squared local correlation of two (1, 1, D, H, W) images inside ``mask``, in [0, 1]."""
+
+    def box(x: torch.Tensor) -> torch.Tensor:
+        # Separable: three 1-D means cost 3k per voxel instead of k^3. Windows are cut at the
+        # image border (count_include_pad=False), and a cut box is still the product of its axes.
+        for axis in range(3):
+            size = [1, 1, 1]
+            size[axis] = window
+            pad = [0, 0, 0]
+            pad[axis] = window // 2
+            x = F.avg_pool3d(x, size, stride=1, padding=pad, count_include_pad=False)
+        return x
+
+    mean_a, mean_b = box(a), box(b)
+    cov = box(a * b) - mean_a * mean_b
+    var_a = (box(a * a) - mean_a**2).clamp_min(0)
+    var_b = (box(b * b) - mean_b**2).clamp_min(0)
+    return masked_mean(cov**2 / (var_a * var_b + 1e-5), mask)
+
+
+def global_ncc(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Normalised cross-correlation of the voxels inside ``mask``, in [-1, 1]."""
+    inside = mask.bool()
+    x, y = a[inside], b[inside]
+    x, y = x - x.mean(), y - y.mean()
+    return (x * y).mean() / (x.pow(2).mean().sqrt() * y.pow(2).mean().sqrt() + 1e-6)
+
+
+def similarity_loss(
+    fixed: torch.Tensor, warped: torch.Tensor, mask: torch.Tensor, kind: str, window: int
+) -> torch.Tensor:
+    """1 - similarity, so 0 is a perfect match."""
+    if kind == "lncc":
+        return 1.0 - local_ncc(fixed, warped, mask, window)
+    if kind == "ncc":
+        return 1.0 - global_ncc(fixed, warped, mask)
+    raise ValueError(f"similarity must be one of {SIMILARITIES}, not {kind!r}")
+
+
+def feature_loss(fixed: torch.Tensor, warped: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """1 - mean cosine between (1, C, d, h, w) embeddings inside ``mask``."""
+    cosine = F.cosine_similarity(fixed, warped, dim=1, eps=1e-6)
+    return 1.0 - masked_mean(cosine, mask)
+
+
+def smoothness(field: torch.Tensor) -> torch.Tensor:
+    """Mean over the three axes of the mean squared forward difference of a (1, 3, D, H, W) field."""
+    terms = [field.diff(dim=d).pow(2).mean() for d in (2, 3, 4) if field.shape[d] > 1]
+    return torch.stack(terms).mean() if terms else field.new_zeros(())

@@ -1,0 +1,216 @@
+"""``same-register train-deform``: SAM-deform training from the command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from ..errors import SameRegistrationError
+from .deform_trainer import DeformTrainConfig, train_deform
+from .sam_trainer import collect_scans, list_checkpoints
+
+_DEFAULTS = DeformTrainConfig()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="same-register train-deform",
+        description="Train the SAM-deform network on pairs of CT scans, each pre-aligned by the "
+        "affine and coarse stages (cached in OUTPUT/cache). Do not train on scans you evaluate on: "
+        "for OpenKBP, leave validation_* and the label maps out, e.g. with --exclude-pattern "
+        "'validation_*' --exclude-pattern '*_label*'.",
+    )
+    parser.add_argument(
+        "scans",
+        nargs="+",
+        help="CT volumes in Hounsfield units, or folders holding only such files (their "
+        "sub-folders and hidden files are ignored)",
+    )
+    parser.add_argument("-o", "--output", required=True, type=Path, help="output folder")
+    parser.add_argument(
+        "--exclude-pattern",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="leave out files whose name or path matches this shell pattern (repeatable)",
+    )
+    parser.add_argument("--epochs", type=int, default=_DEFAULTS.epochs, help="default %(default)s")
+    parser.add_argument(
+        "--pairs",
+        type=int,
+        default=_DEFAULTS.pairs,
+        help="ordered (fixed, moving) pairs drawn from the scans (default %(default)s)",
+    )
+    parser.add_argument(
+        "--features",
+        choices=["auto", "sam", "mind"],
+        default=_DEFAULTS.features,
+        help="embeddings for the pre-alignment, the correlation input and the SAM loss "
+        "(default: auto, SAM when weights exist, else MIND)",
+    )
+    parser.add_argument("--weights", help="SAM checkpoint (default: the one shipped, if any)")
+    parser.add_argument(
+        "--spacing",
+        type=float,
+        default=_DEFAULTS.working_spacing_mm,
+        help="working grid spacing in mm (default %(default)s); register with the same",
+    )
+    parser.add_argument(
+        "--variant",
+        choices=["svf", "dvf"],
+        default=_DEFAULTS.variant,
+        help="svf: velocity integrated by scaling and squaring (default); dvf: direct displacement",
+    )
+    parser.add_argument(
+        "--no-correlation",
+        action="store_true",
+        help="leave out the SAM correlation input (ablation)",
+    )
+    parser.add_argument(
+        "--similarity", choices=["lncc", "ncc"], default=_DEFAULTS.similarity, help="default lncc"
+    )
+    parser.add_argument(
+        "--window", type=int, default=_DEFAULTS.window, help="local NCC window (default 21)"
+    )
+    parser.add_argument(
+        "--similarity-weight", type=float, default=_DEFAULTS.similarity_weight, metavar="W"
+    )
+    parser.add_argument(
+        "--sam-loss-weight",
+        type=float,
+        default=_DEFAULTS.sam_loss_weight,
+        metavar="W",
+        help="weight of the SAM loss, 0 to leave it out (default %(default)s)",
+    )
+    parser.add_argument(
+        "--smoothness", type=float, default=_DEFAULTS.smoothness, metavar="W", help="default 0.2"
+    )
+    parser.add_argument(
+        "--patch",
+        type=int,
+        nargs=3,
+        metavar=("Z", "Y", "X"),
+        help="train on a random box of this many working voxels per iteration (default: the "
+        "whole fixed grid); saves memory and time, e.g. on a CPU",
+    )
+    parser.add_argument("--lr", type=float, default=_DEFAULTS.lr, help="default %(default)s")
+    parser.add_argument("--seed", type=int, default=_DEFAULTS.seed, help="default %(default)s")
+    parser.add_argument(
+        "--device", default=_DEFAULTS.device, help="auto (default), cpu, cuda or cuda:N"
+    )
+    parser.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=_DEFAULTS.checkpoint_every,
+        metavar="N",
+        help="write a checkpoint every N iterations (default %(default)s)",
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="registration setting for the pre-alignment, e.g. --set coarse.iterations=200",
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in the output folder from its latest checkpoint",
+    )
+    parser.add_argument(
+        "--progress", choices=["bars", "none"], default="bars", help="default %(default)s"
+    )
+    return parser
+
+
+class _Bars:
+    """tqdm bars on standard error: one for the pre-alignment, one for training with the loss."""
+
+    def __init__(self) -> None:
+        self.bars: dict[str, object] = {}
+
+    def _bar(self, name: str, total: int, done: int):
+        from tqdm import tqdm
+
+        if name not in self.bars:
+            self.bars[name] = tqdm(total=total, initial=done - 1, desc=name, file=sys.stderr)
+        return self.bars[name]
+
+    def prepare(self, done: int, total: int) -> None:
+        bar = self._bar("pre-align", total, done)
+        bar.update(done - bar.n)
+
+    def train(self, done: int, total: int, loss: float) -> None:
+        bar = self._bar("train-deform", total, done)
+        bar.update(done - bar.n)
+        bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+
+    def close(self) -> None:
+        for bar in self.bars.values():
+            bar.close()
+
+
+def _overrides(items: list[str]) -> dict:
+    values = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise SameRegistrationError(f"--set expects KEY=VALUE, not '{item}'.")
+        try:
+            values[key.strip()] = json.loads(raw)
+        except json.JSONDecodeError:
+            values[key.strip()] = raw
+    return values
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``train-deform``; 0 on success, 2 on a user error (printed as ``error: ...``)."""
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    bars = _Bars() if args.progress == "bars" else None
+    try:
+        config = DeformTrainConfig(
+            epochs=args.epochs,
+            pairs=args.pairs,
+            features=args.features,
+            sam_weights=args.weights,
+            working_spacing_mm=args.spacing,
+            variant=args.variant,
+            correlation=not args.no_correlation,
+            similarity=args.similarity,
+            window=args.window,
+            similarity_weight=args.similarity_weight,
+            sam_loss_weight=args.sam_loss_weight,
+            smoothness=args.smoothness,
+            lr=args.lr,
+            seed=args.seed,
+            device=args.device,
+            checkpoint_every=args.checkpoint_every,
+            patch=tuple(args.patch) if args.patch else None,
+            prealign=_overrides(args.set),
+        )
+        scans = collect_scans(args.scans, args.exclude_pattern)
+        final = train_deform(
+            scans,
+            args.output,
+            config,
+            progress=bars.train if bars else None,
+            resume=args.resume,
+            prepare_progress=bars.prepare if bars else None,
+        )
+    except SameRegistrationError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        saved = list_checkpoints(args.output)
+        where = f" from {saved[-1][1].name}" if saved else " (no checkpoint was written yet)"
+        print(f"interrupted: continue with --resume{where}.", file=sys.stderr)
+        return 130
+    finally:
+        if bars is not None:
+            bars.close()
+    print(f"trained SAM-deform weights: {final}")
+    return 0

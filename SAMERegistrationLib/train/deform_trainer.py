@@ -1,0 +1,560 @@
+"""Training SAM-deform on pairs of CT scans (same-code-facts.md section 4.4).
+
+``train_deform`` checks every scan's header and the settings before any work, draws a seeded set of
+ordered (fixed, moving) pairs, pre-aligns each with the library's own affine and coarse stages
+(cached on disk, ``deform_cache``), and trains the U-Net with Adam on one pair per iteration, the
+pairs shuffled per epoch from the seed. The features of the pre-alignment, the correlation input
+and the SAM loss are frozen: they are computed once, with the SAM network in eval mode (or MIND).
+Every ``checkpoint_every`` iterations a checkpoint holds the network, the optimiser, the loss
+scaler, every random generator's state and the iteration, so ``resume=True`` continues exactly (on
+the CPU bit for bit; on CUDA, non-deterministic kernels make any two runs differ in the last bits).
+The final weights go to ``deform_trained.pth`` for ``--deform-weights``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .. import spatial
+from ..config import RegistrationConfig
+from ..deform.checkpoint import deform_meta, file_sha256, save_deform_weights
+from ..deform.field import VARIANTS, displacement
+from ..deform.inputs import DeformInputs
+from ..deform.losses import (
+    MASK_LEVEL,
+    SIMILARITIES,
+    masked_mean,
+    similarity_loss,
+    smoothness,
+)
+from ..deform.network import DeformNetwork
+from ..device import resolve_device
+from ..errors import CheckpointError, ConfigError, DeviceError, InputError, OutputError
+from ..features.base import FeatureMaps
+from .deform_cache import PairCache, TrainingPair
+
+# The SAM trainer's input checks, checkpoint naming and random-state handling are shared.
+from .sam_trainer import (
+    _rng_states,
+    _set_rng_states,
+    check_scan_files,
+    checkpoint_path,
+    list_checkpoints,
+)
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = "same-deform-training"
+FINAL_WEIGHTS = "deform_trained.pth"
+LOG_FILE = "train_log.tsv"
+CACHE_DIR = "cache"
+#: Settings a resumed run may change; any other change would break the exact continuation.
+RESUMABLE_CHANGES = ("epochs", "checkpoint_every", "keep_checkpoints", "device")
+
+#: ``progress(iterations_done, iterations_total, loss)``, called after every iteration.
+Progress = Callable[[int, int, float], None]
+
+
+@dataclass(frozen=True)
+class DeformTrainConfig:
+    """Every setting of a SAM-deform training run."""
+
+    epochs: int = 100
+    pairs: int = 200  # ordered (fixed, moving) pairs drawn from the scans, no self-pairs
+    features: str = "auto"  # sam, mind, or auto (SAM when weights exist, else MIND)
+    sam_weights: str | None = None  # default: the SAM model shipped with the library
+    working_spacing_mm: float = 2.0
+    variant: str = "svf"  # svf (scaling and squaring) or dvf (direct displacement)
+    correlation: bool = True  # the SAM correlation input at half resolution
+    integration_steps: int = 7
+    similarity: str = "lncc"  # lncc (local NCC) or ncc (global)
+    window: int = 21  # local NCC window, voxels
+    similarity_weight: float = 1.0
+    sam_loss_weight: float = 1.0  # 1 - cosine of fixed and warped moving embeddings
+    # Squared gradient of the network's output in voxels: SAME's weight (10, on a field in
+    # normalised units, with its NCC at 0.01) converted to voxel units at its image size.
+    smoothness: float = 0.2
+    lr: float = 1e-4
+    seed: int = 0
+    device: str = "auto"
+    mixed_precision: bool = True  # float16 autocast with loss scaling, on CUDA only
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 2
+    # Train on a random (z, y, x) box of the fixed working grid per iteration (less memory and
+    # time; the whole map is still used outside it); None: the whole grid, as SAME does.
+    patch: tuple[int, int, int] | None = None
+    # Registration configuration overrides for the pre-alignment, e.g. {"coarse.iterations": 200}.
+    prealign: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        """Refuse values that cannot work, saying which and why."""
+        problems = []
+        for name in (
+            "epochs",
+            "pairs",
+            "integration_steps",
+            "checkpoint_every",
+            "keep_checkpoints",
+        ):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be at least 1 (got {getattr(self, name)})")
+        if self.features not in ("auto", "sam", "mind"):
+            problems.append(f"features must be auto, sam or mind (got {self.features!r})")
+        if self.variant not in VARIANTS:
+            problems.append(f"variant must be one of {VARIANTS} (got {self.variant!r})")
+        if self.similarity not in SIMILARITIES:
+            problems.append(f"similarity must be one of {SIMILARITIES} (got {self.similarity!r})")
+        if self.patch is not None and (len(self.patch) != 3 or min(self.patch) < 2):
+            problems.append(f"patch must be 3 sizes (z, y, x) of at least 2 (got {self.patch})")
+        if self.window < 3 or self.window % 2 == 0:
+            problems.append(f"window must be an odd number of voxels >= 3 (got {self.window})")
+        if not (np.isfinite(self.lr) and self.lr > 0):
+            problems.append(f"lr must be a positive number (got {self.lr})")
+        weights = ("similarity_weight", "sam_loss_weight", "smoothness")
+        if any(not np.isfinite(getattr(self, w)) or getattr(self, w) < 0 for w in weights):
+            problems.append(f"{', '.join(weights)} must be finite and not negative")
+        if problems:
+            raise ConfigError("Invalid SAM-deform training settings: " + "; ".join(problems) + ".")
+
+    @property
+    def needs_features(self) -> bool:
+        return self.correlation or self.sam_loss_weight > 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(asdict(self)))
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> DeformTrainConfig:
+        values = dict(values)
+        if values.get("patch") is not None:
+            values["patch"] = tuple(values["patch"])
+        try:
+            return cls(**values)
+        except TypeError as err:
+            known = ", ".join(f.name for f in fields(cls))
+            raise ConfigError(
+                f"Unknown SAM-deform training setting ({err}); known: {known}."
+            ) from err
+
+    def registration_config(self) -> RegistrationConfig:
+        """The pre-alignment's configuration: affine and coarse only, on this run's grid."""
+        base = RegistrationConfig(
+            features=self.features,
+            sam_weights=self.sam_weights,
+            device=self.device,
+            working_spacing_mm=self.working_spacing_mm,
+            seed=self.seed,
+        )
+        overrides = {**self.prealign, "deform.enabled": False, "instance.enabled": False}
+        return base.with_overrides(overrides)
+
+
+def resolve_features(config: DeformTrainConfig) -> DeformTrainConfig:
+    """Fix ``auto`` to sam (with the shipped weights when none are given) or mind."""
+    from ..features.sam import default_weights  # imported late: it loads the SAM network code
+
+    weights = config.sam_weights or default_weights()
+    if config.features == "sam" and weights is None:
+        raise CheckpointError(
+            "SAM features were requested for SAM-deform training but no SAM weights were given "
+            "and none ship with this installation. Pass --weights PATH/TO/SAM.pth, or use "
+            "--features mind."
+        )
+    if config.features == "mind" or weights is None:
+        return replace(config, features="mind", sam_weights=None)
+    if not Path(weights).is_file():
+        raise CheckpointError(
+            f"SAM weights file {weights} does not exist. Give an existing SAM checkpoint with "
+            "--weights, or use --features mind."
+        )
+    return replace(config, features="sam", sam_weights=str(Path(weights).resolve()))
+
+
+def draw_pairs(scans: Sequence[Path], count: int, seed: int) -> list[tuple[Path, Path]]:
+    """``count`` ordered (fixed, moving) pairs of different scans, shuffled with ``seed``."""
+    ordered = [(f, m) for f in scans for m in scans if f != m]
+    random.Random(seed).shuffle(ordered)
+    if count > len(ordered):
+        log.info("Only %d ordered pairs exist; training on all of them.", len(ordered))
+    return ordered[:count]
+
+
+def crop_pair(pair: TrainingPair, start: Sequence[int], size: Sequence[int]) -> TrainingPair:
+    """The pair restricted to the fixed-grid box [start, start + size) (start even, (z, y, x)).
+
+    The moving side stays whole: it is sampled at physical positions. The half-resolution inputs
+    (correlation, feature maps) keep voxel i on working voxel 2i because ``start`` is even.
+    """
+    stop = [min(a + n, full) for a, n, full in zip(start, size, pair.inputs.grid.shape)]
+    box = (..., *(slice(a, b) for a, b in zip(start, stop)))
+    half = (..., *(slice(a // 2, (b + 1) // 2) for a, b in zip(start, stop)))
+    inputs = pair.inputs
+    moving_features = inputs.moving_features
+    if moving_features is not None:
+        moving_features = tuple(m[half] for m in moving_features)
+    maps = pair.fixed_maps
+    if maps is not None:
+        lo = [a // 2 for a in start]
+        hi = [min((b + 1) // 2, n) for b, n in zip(stop, maps.grid.shape)]
+        maps = FeatureMaps(
+            maps.local[half], maps.global_[half], maps.grid.crop(lo, hi), maps.body[half[1:]]
+        )
+    return TrainingPair(
+        inputs=DeformInputs(
+            inputs.fixed[box],
+            inputs.moving[box],
+            None if inputs.correlation is None else inputs.correlation[half],
+            inputs.grid.crop(start, stop),
+            moving_features,
+        ),
+        affine=pair.affine,
+        dense=pair.dense[box],
+        fixed_body=pair.fixed_body[box],
+        moving_window=pair.moving_window,
+        moving_body=pair.moving_body,
+        moving_grid=pair.moving_grid,
+        fixed_maps=maps,
+    )
+
+
+def random_box(config: DeformTrainConfig, iteration: int, shape: Sequence[int]) -> list[int]:
+    """An even start of the ``patch`` box inside ``shape``, drawn from (seed, iteration)."""
+    rng = np.random.default_rng([config.seed, iteration, 1])
+    return [2 * int(rng.integers(0, max(n - p, 0) // 2 + 1)) for n, p in zip(shape, config.patch)]
+
+
+# --- the step ------------------------------------------------------------------------------------
+
+
+@dataclass
+class LossTerms:
+    total: torch.Tensor
+    similarity: torch.Tensor
+    sam: torch.Tensor
+    smooth: torch.Tensor
+
+
+def deform_loss(output: torch.Tensor, pair: TrainingPair, config: DeformTrainConfig) -> LossTerms:
+    """The weighted loss of the network's ``output`` (voxels) for one pre-aligned pair."""
+    grid = pair.inputs.grid
+    u = displacement(output, grid, config.variant, config.integration_steps)
+    total_map = spatial.compose(pair.dense, u, grid)  # phi_pre o (id + u), as registration does
+    both = torch.cat([pair.moving_window, pair.moving_body], dim=1)
+    warped = spatial.pull(both, pair.moving_grid, pair.affine, total_map, grid, grid)
+    mask = warped[:, 1:] > MASK_LEVEL
+    similarity = similarity_loss(
+        pair.inputs.fixed, warped[:, :1], mask, config.similarity, config.window
+    )
+    sam = output.new_zeros(())
+    if config.sam_loss_weight > 0 and pair.fixed_maps is not None:
+        sam = _sam_loss(u, pair)
+    smooth = smoothness(output)
+    total = (
+        config.similarity_weight * similarity
+        + config.sam_loss_weight * sam
+        + config.smoothness * smooth
+    )
+    return LossTerms(total, similarity, sam, smooth)
+
+
+def _sam_loss(u: torch.Tensor, pair: TrainingPair) -> torch.Tensor:
+    """1 - cosine of the fixed and moving embeddings, the moving ones pulled through the whole map.
+
+    The moving maps were already pulled through the pre-alignment onto the fixed feature grid;
+    sampling them at ``p + u(p)`` completes ``phi_pre o (id + u)``. Warping embeddings instead of
+    re-running SAM on the warped image keeps SAM out of the training step.
+    """
+    maps = pair.fixed_maps
+    grid = maps.grid
+    u_features = spatial.resample_field(u, pair.inputs.grid, grid)
+    points = spatial.voxel_points(grid, u.device) + u_features.permute(0, 2, 3, 4, 1)
+    body = torch.as_tensor(maps.body, device=u.device)
+    cosines = []
+    for fixed, moving in zip((maps.global_, maps.local), pair.inputs.moving_features):
+        warped = spatial.sample(moving, grid, points)
+        cosines.append(masked_mean(F.cosine_similarity(fixed, warped, dim=1, eps=1e-6)[0], body))
+    return 1.0 - torch.stack(cosines).mean()
+
+
+@dataclass
+class TrainingState:
+    model: DeformNetwork
+    optimizer: torch.optim.Adam
+    scaler: torch.amp.GradScaler
+    device: torch.device
+    iteration: int = 0
+    sam_sha256: str | None = None  # of the SAM weights behind the features, for the meta
+
+
+def new_training_state(config: DeformTrainConfig, device: torch.device) -> TrainingState:
+    torch.manual_seed(config.seed)
+    model = DeformNetwork(correlation=config.correlation).to(device).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    amp = config.mixed_precision and device.type == "cuda"
+    return TrainingState(model, optimizer, torch.amp.GradScaler(device.type, enabled=amp), device)
+
+
+def train_step(state: TrainingState, pair: TrainingPair, config: DeformTrainConfig) -> LossTerms:
+    """One Adam step on one pair (network under float16 autocast on CUDA, the rest in float32)."""
+    inputs = pair.inputs
+    with torch.autocast(state.device.type, dtype=torch.float16, enabled=state.scaler.is_enabled()):
+        output = state.model(inputs.moving, inputs.fixed, inputs.correlation)
+    terms = deform_loss(output.float(), pair, config)
+    if not torch.isfinite(terms.total) and not state.scaler.is_enabled():
+        raise ConfigError(
+            f"SAM-deform training diverged at iteration {state.iteration + 1} (loss "
+            f"{terms.total.item()}). Lower --lr."
+        )
+    state.optimizer.zero_grad(set_to_none=True)
+    state.scaler.scale(terms.total).backward()
+    state.scaler.step(state.optimizer)
+    state.scaler.update()
+    state.iteration += 1
+    return terms
+
+
+# --- checkpoints ---------------------------------------------------------------------------------
+
+
+def save_training_checkpoint(
+    state: TrainingState, config: DeformTrainConfig, pairs: Sequence, path: Path
+) -> None:
+    """Write network, optimiser, scaler, random states and iteration atomically."""
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "iteration": state.iteration,
+        "config": config.to_dict(),
+        "pairs": [[str(f), str(m)] for f, m in pairs],
+        # "state_dict" and "meta" make a checkpoint usable as --deform-weights as it is.
+        "state_dict": state.model.state_dict(),
+        "meta": _weights_meta(config, state),
+        "optimizer": state.optimizer.state_dict(),
+        "scaler": state.scaler.state_dict(),
+        "rng": _rng_states(state.device),
+    }
+    partial = path.with_name(path.name + ".partial")
+    try:
+        torch.save(payload, partial)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def load_training_checkpoint(path: Path) -> dict[str, Any]:
+    """Read a training checkpoint safely (weights_only, onto the CPU) and check its layout."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many types for unreadable files; all mean the same here
+        detail = (str(err).strip().splitlines() or [""])[0][:200]
+        raise CheckpointError(
+            f"Training checkpoint {path} cannot be read ({type(err).__name__}: {detail}); it is "
+            "truncated or corrupt. Delete it to resume from the previous checkpoint, or start a "
+            "new run in another output folder."
+        ) from err
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(
+            f"{path} is not a SAM-deform training checkpoint written by train-deform. Point "
+            "--resume at the output folder of a train-deform run."
+        )
+    required = ("iteration", "config", "pairs", "state_dict", "optimizer", "scaler", "rng")
+    absent = [k for k in required if k not in payload]
+    if absent:
+        raise CheckpointError(
+            f"Training checkpoint {path} lacks {', '.join(absent)}; it is damaged. Delete it to "
+            "resume from the previous checkpoint."
+        )
+    return payload
+
+
+def _restore(state: TrainingState, payload: dict[str, Any], path: Path) -> None:
+    try:
+        state.model.load_state_dict(payload["state_dict"])
+        state.optimizer.load_state_dict(payload["optimizer"])
+        if payload["scaler"]:  # empty when the run had no loss scaling (CPU)
+            state.scaler.load_state_dict(payload["scaler"])
+        _set_rng_states(payload["rng"], state.device)
+    except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as err:
+        detail = (str(err).strip().splitlines() or [""])[0][:300]
+        raise CheckpointError(
+            f"Training checkpoint {path} does not fit this run ({detail}). Delete it to resume "
+            "from the previous checkpoint, or start a new run in another output folder."
+        ) from err
+    state.iteration = int(payload["iteration"])
+
+
+def _check_same_run(
+    payload: dict[str, Any], config: DeformTrainConfig, pairs: Sequence, path: Path
+) -> None:
+    stored = DeformTrainConfig.from_dict(payload["config"]).to_dict()
+    wanted = config.to_dict()
+    changed = sorted(k for k in wanted if k not in RESUMABLE_CHANGES and stored.get(k) != wanted[k])
+    if changed:
+        details = ", ".join(f"{k}: {stored.get(k)} -> {wanted[k]}" for k in changed)
+        raise ConfigError(
+            f"Cannot resume from {path}: settings differ from the interrupted run ({details}). "
+            f"Resume with the same settings (only {', '.join(RESUMABLE_CHANGES)} may change), or "
+            "start a new run in another output folder."
+        )
+    if [[str(f), str(m)] for f, m in pairs] != payload["pairs"]:
+        raise ConfigError(
+            f"Cannot resume from {path}: the training pairs differ from the interrupted run's. "
+            "Give the same scans, exclude patterns and --pairs, or start a new run elsewhere."
+        )
+
+
+def _weights_meta(config: DeformTrainConfig, state: TrainingState) -> dict[str, Any]:
+    return deform_meta(
+        config.variant,
+        config.correlation,
+        config.integration_steps,
+        config.features,
+        config.working_spacing_mm,
+        state.sam_sha256,
+        sam_weights=Path(config.sam_weights).name if config.sam_weights else None,
+        iterations=state.iteration,
+        similarity=config.similarity,
+        sam_loss_weight=config.sam_loss_weight,
+        smoothness=config.smoothness,
+        seed=config.seed,
+    )
+
+
+# --- the run -------------------------------------------------------------------------------------
+
+
+def _pair_order(config: DeformTrainConfig, epoch: int, count: int) -> np.ndarray:
+    """The pairs' order in ``epoch``: a permutation keyed by (seed, epoch), so resuming finds it."""
+    return np.random.default_rng([config.seed, epoch]).permutation(count)
+
+
+def _prepare_log(output_dir: Path, iteration: int) -> None:
+    """Keep the log lines up to ``iteration`` (a resumed run rewrites what came after)."""
+    path = output_dir / LOG_FILE
+    header = "iteration\tloss\tsimilarity\tsam\tsmoothness\tpair\tseconds\n"
+    lines = path.read_text().splitlines(keepends=True)[1:] if path.exists() else []
+    kept = [line for line in lines if int(line.split("\t", 1)[0]) <= iteration]
+    path.write_text(header + "".join(kept))
+
+
+def _train_loop(
+    state: TrainingState,
+    config: DeformTrainConfig,
+    cache: PairCache,
+    pairs: Sequence[tuple[Path, Path]],
+    usable: Sequence[int],
+    output_dir: Path,
+    progress: Progress | None,
+) -> None:
+    total = config.epochs * len(usable)
+    with open(output_dir / LOG_FILE, "a") as log_file:
+        tick = time.perf_counter()
+        while state.iteration < total:
+            epoch, position = divmod(state.iteration, len(usable))
+            index = usable[_pair_order(config, epoch, len(usable))[position]]
+            pair = cache.load(index, pairs[index], config.correlation)
+            if config.patch is not None:
+                start = random_box(config, state.iteration, pair.inputs.grid.shape)
+                pair = crop_pair(pair, start, config.patch)
+            terms = train_step(state, pair, config)
+            loss = terms.total.item()
+            now = time.perf_counter()
+            log_file.write(
+                f"{state.iteration}\t{loss:.5f}\t{terms.similarity.item():.5f}\t"
+                f"{terms.sam.item():.5f}\t{terms.smooth.item():.6f}\t{index}\t{now - tick:.3f}\n"
+            )
+            tick = now
+            if progress is not None:
+                progress(state.iteration, total, loss)
+            if state.iteration % config.checkpoint_every == 0 or state.iteration == total:
+                log_file.flush()
+                save_training_checkpoint(
+                    state, config, pairs, checkpoint_path(output_dir, state.iteration)
+                )
+                for _, old in list_checkpoints(output_dir)[: -config.keep_checkpoints]:
+                    old.unlink()
+
+
+def train_deform(
+    scans: Sequence[str | os.PathLike[str]],
+    output_dir: str | os.PathLike[str],
+    config: DeformTrainConfig | None = None,
+    progress: Progress | None = None,
+    resume: bool = False,
+    prepare_progress: Callable[[int, int], None] | None = None,
+) -> Path:
+    """Train SAM-deform on pairs of ``scans`` and return the final weights file.
+
+    Never train on scans used for evaluation. ``output_dir`` receives checkpoints, ``train_log.tsv``
+    (loss terms per iteration), ``train_config.json``, the pre-alignment cache and the final
+    ``deform_trained.pth``. With ``resume=True`` the run continues from its latest checkpoint.
+    """
+    config = config or DeformTrainConfig()
+    config.validate()
+    paths = check_scan_files(scans)
+    config = resolve_features(config)
+    registration = config.registration_config().resolved_for(config.features)
+    output_dir = Path(output_dir)
+    device = resolve_device(config.device)
+    existing = list_checkpoints(output_dir)
+    if existing and not resume:
+        raise OutputError(
+            f"{output_dir} already holds checkpoints of a training run (latest: "
+            f"{existing[-1][1].name}). Resume it with --resume, or choose another output folder."
+        )
+    pairs = draw_pairs(paths, config.pairs, config.seed)
+    payload = None
+    if existing:
+        payload = load_training_checkpoint(existing[-1][1])
+        _check_same_run(payload, config, pairs, existing[-1][1])
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "train_config.json").write_text(
+        json.dumps(
+            {"config": config.to_dict(), "pairs": [[str(f), str(m)] for f, m in pairs]}, indent=2
+        )
+    )
+    sam_sha = file_sha256(config.sam_weights) if config.features == "sam" else None
+    cache = PairCache(output_dir / CACHE_DIR, registration, sam_sha, config.needs_features, device)
+    log.info(
+        "Pre-aligning %d pairs with %s features (cached in %s)",
+        len(pairs),
+        config.features,
+        cache.folder,
+    )
+    usable = cache.prepare(pairs, prepare_progress)
+    if not usable:
+        raise InputError(
+            f"None of the {len(pairs)} training pairs could be pre-aligned (see the warnings "
+            "above). Check that the scans show the same body region."
+        )
+    state = new_training_state(config, device)
+    state.sam_sha256 = sam_sha
+    if payload is not None:
+        _restore(state, payload, existing[-1][1])
+        log.info(
+            "Resuming SAM-deform training from %s (iteration %d)", existing[-1][1], state.iteration
+        )
+    elif resume:
+        log.warning("No checkpoint in %s: starting a new SAM-deform training run.", output_dir)
+    _prepare_log(output_dir, state.iteration)
+    try:
+        _train_loop(state, config, cache, pairs, usable, output_dir, progress)
+    except torch.OutOfMemoryError as err:
+        raise DeviceError(
+            f"The {device.type.upper()} ran out of memory during SAM-deform training. Use a "
+            "coarser --spacing, then continue with --resume."
+        ) from err
+    final = output_dir / FINAL_WEIGHTS
+    save_deform_weights(state.model, final, _weights_meta(config, state))
+    return final

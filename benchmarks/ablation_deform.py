@@ -1,0 +1,198 @@
+"""Ablation of SAM-deform on seeded OpenKBP validation pairs.
+
+    python benchmarks/ablation_deform.py --deform full=deform_full.pth \\
+        --deform no-sam-loss=deform_nosam.pth --deform no-correlation=deform_nocorr.pth \\
+        --deform dvf=deform_dvf.pth --features sam --pairs 10
+
+Rows: the pipeline up to the coarse stage; + SAM-deform with each given weights file (instance
+optimisation off); + instance optimisation without SAM-deform; and the whole pipeline (coarse ->
+deform with the first weights file -> instance). Per row: mean Dice over pairs, folding % of the
+whole map and of the deform stage's own field, and wall time per pair. The weights files are
+trained beforehand with ``same-register train-deform`` (see benchmarks/README.md); the pairs are
+those of ``run_pairs.py`` (same seed, same pairs). Prints a markdown table and saves a JSON file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+for path in (str(REPO), str(HERE)):
+    if path not in sys.path:
+        sys.path.insert(0, path)
+
+from run_pairs import draw_pairs, find_openkbp, validation_patients  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--deform",
+        action="append",
+        required=True,
+        metavar="NAME=WEIGHTS",
+        help="a SAM-deform weights file and its row name (repeatable; the first one also runs "
+        "with instance optimisation)",
+    )
+    parser.add_argument("--pairs", type=int, default=10, help="validation pairs (10)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the pairing (0)")
+    parser.add_argument("--features", choices=["mind", "sam"], default="sam")
+    parser.add_argument("--sam-weights", type=Path, help="SAM checkpoint (default: shipped)")
+    parser.add_argument("--data", type=Path, help="shared data folder or its openkbp/")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda (auto)")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="configuration override for every run (VALUE is JSON, else a string)",
+    )
+    parser.add_argument("--output", type=Path, help="results JSON (default: benchmarks/results/)")
+    args = parser.parse_args(argv)
+    args.variants = {}
+    for item in args.deform:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not Path(path).is_file():
+            parser.error(f"--deform takes NAME=EXISTING_WEIGHTS_FILE, not '{item}'")
+        args.variants[name] = Path(path)
+    args.overrides = {}
+    for item in args.set:
+        key, sep, text = item.partition("=")
+        if not sep:
+            parser.error(f"--set takes KEY=VALUE, not '{item}'")
+        try:
+            args.overrides[key.strip()] = json.loads(text)
+        except json.JSONDecodeError:
+            args.overrides[key.strip()] = text
+    return args
+
+
+def describe(weights: Path) -> str:
+    from SAMERegistrationLib.deform.checkpoint import load_deform_weights
+
+    meta = load_deform_weights(weights).meta
+    return (
+        f"{meta['variant']}, correlation {'on' if meta['correlation'] else 'off'}, SAM loss "
+        f"{meta.get('sam_loss_weight', '?')}, {meta['features']} features"
+    )
+
+
+def rows_to_run(args: argparse.Namespace) -> list[tuple[str, dict]]:
+    """(row name, configuration overrides) in table order."""
+    off = {"deform.enabled": False, "instance.enabled": False}
+    rows = [("coarse", off)]
+    for name, path in args.variants.items():
+        rows.append((f"+deform {name}", {"deform.weights": str(path), "instance.enabled": False}))
+    rows.append(("+instance (no deform)", {"deform.enabled": False}))
+    first_name, first = next(iter(args.variants.items()))
+    rows.append((f"+deform {first_name} +instance", {"deform.weights": str(first)}))
+    return rows
+
+
+def run(args: argparse.Namespace) -> dict:
+    import torch
+
+    from SAMERegistrationLib import RegistrationConfig, register
+    from SAMERegistrationLib.errors import SameRegistrationError
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    openkbp = find_openkbp(args.data)
+    pairs = draw_pairs(validation_patients(openkbp), args.pairs, args.seed)
+    base = {"features": args.features, "device": args.device, **args.overrides}
+    if args.sam_weights:
+        base["sam_weights"] = str(args.sam_weights)
+    results = []
+    for row, overrides in rows_to_run(args):
+        config = RegistrationConfig().with_overrides({**base, **overrides})
+        for fixed, moving in pairs:
+            entry = {"row": row, "fixed": fixed, "moving": moving}
+            started = time.perf_counter()
+            try:
+                result = register(
+                    openkbp / f"{fixed}_ct.nii.gz",
+                    openkbp / f"{moving}_ct.nii.gz",
+                    config,
+                    openkbp / f"{fixed}_label.nii.gz",
+                    openkbp / f"{moving}_label.nii.gz",
+                )
+            except SameRegistrationError as err:
+                entry.update(status="failed", error=str(err))
+            else:
+                deform = result.stages["deform"]
+                entry.update(
+                    status="ok",
+                    dice=result.metrics["mean_dice_after"],
+                    dice_before=result.metrics["mean_dice_before"],
+                    folding=result.metrics["folding_percent"],
+                    deform_folding=deform.get("folding_percent"),
+                    seconds=time.perf_counter() - started,
+                )
+            results.append(entry)
+            print(f"{row:28s} {fixed} <- {moving}: {_short(entry)}", file=sys.stderr, flush=True)
+    return {
+        "pairs": pairs,
+        "rows": results,
+        "variants": {k: str(v) for k, v in args.variants.items()},
+    }
+
+
+def _short(entry: dict) -> str:
+    if entry["status"] != "ok":
+        return "failed: " + entry["error"][:80]
+    return f"Dice {entry['dice']:.3f}, folding {entry['folding']:.3f} %, {entry['seconds']:.1f} s"
+
+
+def table(document: dict, variants: dict[str, str]) -> str:
+    lines = [
+        "| row | ok/runs | Dice (mean ± sd) | folding % (whole map) | folding % (deform field) "
+        "| time s/pair |",
+        "|---|---|---|---|---|---|",
+    ]
+    names = list(dict.fromkeys(entry["row"] for entry in document["rows"]))
+    for name in names:
+        entries = [e for e in document["rows"] if e["row"] == name]
+        ok = [e for e in entries if e["status"] == "ok"]
+        dice = [e["dice"] for e in ok]
+        spread = f" ± {statistics.stdev(dice):.3f}" if len(dice) > 1 else ""
+        deform = [e["deform_folding"] for e in ok if e["deform_folding"] is not None]
+        lines.append(
+            f"| {name} | {len(ok)}/{len(entries)} | "
+            + (f"{statistics.mean(dice):.3f}{spread}" if dice else "–")
+            + f" | {_mean([e['folding'] for e in ok])} | {_mean(deform)} | "
+            + f"{_mean([e['seconds'] for e in ok], 1)} |"
+        )
+    lines.append("")
+    lines += [f"- {name}: {text}" for name, text in variants.items()]
+    return "\n".join(lines)
+
+
+def _mean(values: list[float], digits: int = 3) -> str:
+    return f"{statistics.mean(values):.{digits}f}" if values else "–"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    variants = {name: describe(path) for name, path in args.variants.items()}
+    document = run(args)
+    document["options"] = {k: str(v) for k, v in vars(args).items() if k != "variants"}
+    print(table(document, variants))
+    output = (
+        args.output or HERE / "results" / f"ablation_deform-{datetime.now():%Y%m%d-%H%M%S}.json"
+    )
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(document, indent=2))
+    print(f"\nsaved {output}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
