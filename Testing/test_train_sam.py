@@ -180,18 +180,24 @@ def test_random_pairs_are_scaled_and_placed_on_the_body() -> None:
 # --- training ------------------------------------------------------------------------------------
 
 
-def test_training_steps_lower_the_loss(train_scans, tmp_path) -> None:
-    batch = CropPairDataset(train_scans, SMALL.crops, SMALL.batch, seed=3, cache_dir=tmp_path)[0]
-    state = new_training_state(SMALL, torch.device("cpu"))
+@pytest.mark.parametrize(
+    "config", [SMALL, replace(SMALL, optimizer="adam", lr=1e-3)], ids=["sgd", "adam"]
+)
+def test_training_steps_lower_the_loss(train_scans, tmp_path, config) -> None:
+    batch = CropPairDataset(train_scans, config.crops, config.batch, seed=3, cache_dir=tmp_path)[0]
+    state = new_training_state(config, torch.device("cpu"))
+    assert isinstance(
+        state.optimizer, torch.optim.Adam if config.optimizer == "adam" else torch.optim.SGD
+    )
 
     def loss_now() -> float:
         torch.manual_seed(7)  # the same negatives each time
         with torch.no_grad():
-            return sam_loss(*state.model(batch.images), batch, SMALL.loss).total.item()
+            return sam_loss(*state.model(batch.images), batch, config.loss).total.item()
 
     before = loss_now()
     for _ in range(5):
-        train_step(state, batch, SMALL)
+        train_step(state, batch, config)
     assert loss_now() < before - 0.3
 
 
@@ -284,3 +290,9 @@ def test_command_line_trains_and_reports_errors(tmp_path, capsys) -> None:
         damaged.truncate(1000)
     assert main([str(folder), *common, "--exclude-pattern", "*.md", "--resume"]) == 2
     assert "checkpoint_0000003.pt" in capsys.readouterr().err
+
+
+def test_invalid_settings_are_refused_with_their_names() -> None:
+    with pytest.raises(ConfigError, match="optimizer must be one of sgd, adam") as info:
+        replace(SMALL, optimizer="rmsprop", width=0.0).validate()
+    assert "width must be a positive number" in str(info.value)

@@ -28,6 +28,17 @@ def default_weights() -> Path | None:
     return DEFAULT_WEIGHTS if DEFAULT_WEIGHTS.is_file() else None
 
 
+def shipped_model_preferred() -> bool:
+    """Whether ``features=auto`` should use the shipped model: its record says so when the
+    evaluation found it better than MIND-SSC (see the model card)."""
+    if default_weights() is None:
+        return False
+    try:
+        return bool(json.loads(DEFAULT_RECORD.read_text()).get("preferred_for_auto", False))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def file_sha256(path: str | os.PathLike) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
