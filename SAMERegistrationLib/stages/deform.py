@@ -18,11 +18,12 @@ import torch
 
 from .. import spatial
 from ..config import DeformConfig
-from ..deform.checkpoint import DeformModel, file_sha256, load_deform_weights
+from ..deform.checkpoint import DeformModel, load_deform_weights
 from ..deform.field import displacement
 from ..deform.inputs import build_inputs
 from ..errors import ConfigError
 from ..features.base import FeatureMaps
+from ..features.sam import file_sha256
 from ..image import WorkingImage
 
 log = logging.getLogger(__name__)

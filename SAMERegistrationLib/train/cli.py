@@ -8,8 +8,9 @@ import sys
 from pathlib import Path
 
 from ..errors import SameRegistrationError
+from .checkpoints import list_checkpoints
 from .crops import CropConfig
-from .sam_trainer import SAMTrainConfig, collect_scans, list_checkpoints, train_sam
+from .sam_trainer import SAMTrainConfig, collect_scans, train_sam
 
 _DEFAULTS = SAMTrainConfig()
 

@@ -9,8 +9,9 @@ import sys
 from pathlib import Path
 
 from ..errors import SameRegistrationError
+from .checkpoints import list_checkpoints
 from .deform_trainer import DeformTrainConfig, train_deform
-from .sam_trainer import collect_scans, list_checkpoints
+from .sam_trainer import collect_scans
 
 _DEFAULTS = DeformTrainConfig()
 

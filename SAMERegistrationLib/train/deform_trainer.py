@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from .. import spatial
 from ..config import RegistrationConfig
-from ..deform.checkpoint import deform_meta, file_sha256, save_deform_weights
+from ..deform.checkpoint import deform_meta, save_deform_weights
 from ..deform.field import VARIANTS, displacement
 from ..deform.inputs import DeformInputs
 from ..deform.losses import (
@@ -43,22 +43,27 @@ from ..deform.network import DeformNetwork
 from ..device import resolve_device
 from ..errors import CheckpointError, ConfigError, DeviceError, InputError, OutputError
 from ..features.base import FeatureMaps
-from .deform_cache import PairCache, TrainingPair
-
-# The SAM trainer's input checks, checkpoint naming and random-state handling are shared.
-from .sam_trainer import (
-    _rng_states,
-    _set_rng_states,
-    check_scan_files,
+from ..features.sam import file_sha256
+from .checkpoints import (
+    check_same_settings,
     checkpoint_path,
     list_checkpoints,
+    prepare_log,
+    read_checkpoint,
+    remove_old_checkpoints,
+    restore,
+    training_payload,
+    write_checkpoint,
 )
+from .deform_cache import PairCache, TrainingPair
+from .sam_trainer import check_scan_files
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "same-deform-training"
 FINAL_WEIGHTS = "deform_trained.pth"
 LOG_FILE = "train_log.tsv"
+LOG_HEADER = "iteration\tloss\tsimilarity\tsam\tsmoothness\tpair\tseconds\n"
 CACHE_DIR = "cache"
 #: Settings a resumed run may change; any other change would break the exact continuation.
 RESUMABLE_CHANGES = ("epochs", "checkpoint_every", "keep_checkpoints", "device")
@@ -334,79 +339,26 @@ def save_training_checkpoint(
     """Write network, optimiser, scaler, random states and iteration atomically."""
     payload = {
         "format": CHECKPOINT_FORMAT,
-        "iteration": state.iteration,
         "config": config.to_dict(),
         "pairs": [[str(f), str(m)] for f, m in pairs],
         # "state_dict" and "meta" make a checkpoint usable as --deform-weights as it is.
-        "state_dict": state.model.state_dict(),
         "meta": _weights_meta(config, state),
-        "optimizer": state.optimizer.state_dict(),
-        "scaler": state.scaler.state_dict(),
-        "rng": _rng_states(state.device),
+        **training_payload(state),
     }
-    partial = path.with_name(path.name + ".partial")
-    try:
-        torch.save(payload, partial)
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
+    write_checkpoint(payload, path)
 
 
 def load_training_checkpoint(path: Path) -> dict[str, Any]:
-    """Read a training checkpoint safely (weights_only, onto the CPU) and check its layout."""
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises many types for unreadable files; all mean the same here
-        detail = (str(err).strip().splitlines() or [""])[0][:200]
-        raise CheckpointError(
-            f"Training checkpoint {path} cannot be read ({type(err).__name__}: {detail}); it is "
-            "truncated or corrupt. Delete it to resume from the previous checkpoint, or start a "
-            "new run in another output folder."
-        ) from err
-    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(
-            f"{path} is not a SAM-deform training checkpoint written by train-deform. Point "
-            "--resume at the output folder of a train-deform run."
-        )
+    """Read a train-deform checkpoint safely and check its layout."""
     required = ("iteration", "config", "pairs", "state_dict", "optimizer", "scaler", "rng")
-    absent = [k for k in required if k not in payload]
-    if absent:
-        raise CheckpointError(
-            f"Training checkpoint {path} lacks {', '.join(absent)}; it is damaged. Delete it to "
-            "resume from the previous checkpoint."
-        )
-    return payload
-
-
-def _restore(state: TrainingState, payload: dict[str, Any], path: Path) -> None:
-    try:
-        state.model.load_state_dict(payload["state_dict"])
-        state.optimizer.load_state_dict(payload["optimizer"])
-        if payload["scaler"]:  # empty when the run had no loss scaling (CPU)
-            state.scaler.load_state_dict(payload["scaler"])
-        _set_rng_states(payload["rng"], state.device)
-    except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as err:
-        detail = (str(err).strip().splitlines() or [""])[0][:300]
-        raise CheckpointError(
-            f"Training checkpoint {path} does not fit this run ({detail}). Delete it to resume "
-            "from the previous checkpoint, or start a new run in another output folder."
-        ) from err
-    state.iteration = int(payload["iteration"])
+    return read_checkpoint(path, CHECKPOINT_FORMAT, required, "train-deform")
 
 
 def _check_same_run(
     payload: dict[str, Any], config: DeformTrainConfig, pairs: Sequence, path: Path
 ) -> None:
     stored = DeformTrainConfig.from_dict(payload["config"]).to_dict()
-    wanted = config.to_dict()
-    changed = sorted(k for k in wanted if k not in RESUMABLE_CHANGES and stored.get(k) != wanted[k])
-    if changed:
-        details = ", ".join(f"{k}: {stored.get(k)} -> {wanted[k]}" for k in changed)
-        raise ConfigError(
-            f"Cannot resume from {path}: settings differ from the interrupted run ({details}). "
-            f"Resume with the same settings (only {', '.join(RESUMABLE_CHANGES)} may change), or "
-            "start a new run in another output folder."
-        )
+    check_same_settings(stored, config.to_dict(), RESUMABLE_CHANGES, path)
     if [[str(f), str(m)] for f, m in pairs] != payload["pairs"]:
         raise ConfigError(
             f"Cannot resume from {path}: the training pairs differ from the interrupted run's. "
@@ -437,15 +389,6 @@ def _weights_meta(config: DeformTrainConfig, state: TrainingState) -> dict[str, 
 def _pair_order(config: DeformTrainConfig, epoch: int, count: int) -> np.ndarray:
     """The pairs' order in ``epoch``: a permutation keyed by (seed, epoch), so resuming finds it."""
     return np.random.default_rng([config.seed, epoch]).permutation(count)
-
-
-def _prepare_log(output_dir: Path, iteration: int) -> None:
-    """Keep the log lines up to ``iteration`` (a resumed run rewrites what came after)."""
-    path = output_dir / LOG_FILE
-    header = "iteration\tloss\tsimilarity\tsam\tsmoothness\tpair\tseconds\n"
-    lines = path.read_text().splitlines(keepends=True)[1:] if path.exists() else []
-    kept = [line for line in lines if int(line.split("\t", 1)[0]) <= iteration]
-    path.write_text(header + "".join(kept))
 
 
 def _train_loop(
@@ -482,8 +425,7 @@ def _train_loop(
                 save_training_checkpoint(
                     state, config, pairs, checkpoint_path(output_dir, state.iteration)
                 )
-                for _, old in list_checkpoints(output_dir)[: -config.keep_checkpoints]:
-                    old.unlink()
+                remove_old_checkpoints(output_dir, config.keep_checkpoints)
 
 
 def train_deform(
@@ -541,13 +483,13 @@ def train_deform(
     state = new_training_state(config, device)
     state.sam_sha256 = sam_sha
     if payload is not None:
-        _restore(state, payload, existing[-1][1])
+        restore(state, payload, existing[-1][1])
         log.info(
             "Resuming SAM-deform training from %s (iteration %d)", existing[-1][1], state.iteration
         )
     elif resume:
         log.warning("No checkpoint in %s: starting a new SAM-deform training run.", output_dir)
-    _prepare_log(output_dir, state.iteration)
+    prepare_log(output_dir / LOG_FILE, LOG_HEADER, state.iteration)
     try:
         _train_loop(state, config, cache, pairs, usable, output_dir, progress)
     except torch.OutOfMemoryError as err:

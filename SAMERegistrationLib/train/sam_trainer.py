@@ -16,8 +16,6 @@ import fnmatch
 import json
 import logging
 import os
-import random
-import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -29,8 +27,19 @@ import SimpleITK as sitk
 import torch
 
 from ..device import resolve_device
-from ..errors import CheckpointError, ConfigError, DeviceError, InputError, OutputError
+from ..errors import ConfigError, DeviceError, InputError, OutputError
 from ..features.sam_network import GLOBAL_STRIDE, SAMNetwork, save_sam_checkpoint
+from .checkpoints import (
+    check_same_settings,
+    checkpoint_path,
+    list_checkpoints,
+    prepare_log,
+    read_checkpoint,
+    remove_old_checkpoints,
+    restore,
+    training_payload,
+    write_checkpoint,
+)
 from .crops import CropConfig, CropPairDataset, PairBatch
 from .losses import LossConfig, LossTerms, sam_loss
 
@@ -39,8 +48,8 @@ log = logging.getLogger(__name__)
 CHECKPOINT_FORMAT = "same-sam-training"
 FINAL_WEIGHTS = "sam_trained.pth"
 LOG_FILE = "train_log.tsv"
+LOG_HEADER = "iteration\tloss\tlocal\tglobal\tlr\tseconds\n"
 CACHE_DIR = "cache"
-_CHECKPOINT = re.compile(r"checkpoint_(\d+)\.pt$")
 #: Settings a resumed run may change; any other change would break the exact continuation.
 RESUMABLE_CHANGES = ("iterations", "checkpoint_every", "keep_checkpoints", "device", "workers")
 _SHOW = 5  # how many offending files an error message lists
@@ -230,37 +239,6 @@ def check_scan_files(paths: Sequence[str | os.PathLike[str]]) -> list[Path]:
 # --- checkpoints -------------------------------------------------------------------------------
 
 
-def checkpoint_path(output_dir: Path, iteration: int) -> Path:
-    return output_dir / f"checkpoint_{iteration:07d}.pt"
-
-
-def list_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
-    """(iteration, path) of the checkpoints in ``output_dir``, oldest first."""
-    if not output_dir.is_dir():
-        return []
-    found = [(_CHECKPOINT.search(p.name), p) for p in output_dir.iterdir()]
-    return sorted((int(m.group(1)), p) for m, p in found if m)
-
-
-def _rng_states(device: torch.device) -> dict[str, Any]:
-    kind, keys, position, has_gauss, gauss = np.random.get_state()
-    return {
-        "python": random.getstate(),
-        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, gauss],
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else [],
-    }
-
-
-def _set_rng_states(states: dict[str, Any], device: torch.device) -> None:
-    random.setstate(states["python"])
-    kind, keys, position, has_gauss, gauss = states["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, gauss))
-    torch.set_rng_state(states["torch"])
-    if device.type == "cuda":
-        torch.cuda.set_rng_state_all(states["cuda"])
-
-
 @dataclass
 class TrainingState:
     """Everything that evolves during training."""
@@ -295,82 +273,29 @@ def new_training_state(config: SAMTrainConfig, device: torch.device) -> Training
 def save_training_checkpoint(
     state: TrainingState, config: SAMTrainConfig, scans: Sequence[Path], path: Path
 ) -> None:
-    """Write model, optimiser, scaler, random states and iteration atomically (temp + rename)."""
+    """Write model, optimiser, scaler, random states and iteration atomically."""
     payload = {
         "format": CHECKPOINT_FORMAT,
-        "iteration": state.iteration,
         "config": config.to_dict(),
         "scans": [str(p) for p in scans],
         # "state_dict" and "meta" make the file loadable by load_sam_checkpoint as it is.
-        "state_dict": state.model.state_dict(),
         "meta": {"width": state.model.width, "embedding_dim": state.model.embedding_dim},
-        "optimizer": state.optimizer.state_dict(),
-        "scaler": state.scaler.state_dict(),
-        "rng": _rng_states(state.device),
+        **training_payload(state),
     }
-    partial = path.with_name(path.name + ".partial")
-    try:
-        torch.save(payload, partial)
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
+    write_checkpoint(payload, path)
 
 
 def load_training_checkpoint(path: Path) -> dict[str, Any]:
-    """Read a training checkpoint safely (weights_only, onto the CPU) and check its layout."""
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises many types for unreadable files; all mean the same here
-        detail = (str(err).strip().splitlines() or [""])[0][:200]
-        raise CheckpointError(
-            f"Training checkpoint {path} cannot be read ({type(err).__name__}: {detail}); it is "
-            "truncated or corrupt. Delete it to resume from the previous checkpoint, or start a "
-            "new run in another output folder."
-        ) from err
+    """Read a train-sam checkpoint safely and check its layout."""
     required = ("iteration", "config", "scans", "state_dict", "optimizer", "scaler", "rng")
-    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(
-            f"{path} is not a SAM training checkpoint written by train-sam. Point --resume at the "
-            "output folder of a train-sam run."
-        )
-    absent = [k for k in required if k not in payload]
-    if absent:
-        raise CheckpointError(
-            f"Training checkpoint {path} lacks {', '.join(absent)}; it is damaged. Delete it to "
-            "resume from the previous checkpoint."
-        )
-    return payload
-
-
-def _restore(state: TrainingState, payload: dict[str, Any], path: Path) -> None:
-    try:
-        state.model.load_state_dict(payload["state_dict"])
-        state.optimizer.load_state_dict(payload["optimizer"])
-        if payload["scaler"]:  # empty when the run so far had no loss scaling (CPU)
-            state.scaler.load_state_dict(payload["scaler"])
-        _set_rng_states(payload["rng"], state.device)
-    except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as err:
-        detail = (str(err).strip().splitlines() or [""])[0][:300]
-        raise CheckpointError(
-            f"Training checkpoint {path} does not fit this run ({detail}). Delete it to resume from "
-            "the previous checkpoint, or start a new run in another output folder."
-        ) from err
-    state.iteration = int(payload["iteration"])
+    return read_checkpoint(path, CHECKPOINT_FORMAT, required, "train-sam")
 
 
 def _check_same_run(
     payload: dict[str, Any], config: SAMTrainConfig, scans: Sequence[Path], path: Path
 ) -> None:
     stored = SAMTrainConfig.from_dict(payload["config"]).to_dict()
-    wanted = config.to_dict()
-    changed = sorted(k for k in wanted if k not in RESUMABLE_CHANGES and stored.get(k) != wanted[k])
-    if changed:
-        details = ", ".join(f"{k}: {stored.get(k)} -> {wanted[k]}" for k in changed)
-        raise ConfigError(
-            f"Cannot resume from {path}: settings differ from the interrupted run ({details}). "
-            f"Resume with the same settings (only {', '.join(RESUMABLE_CHANGES)} may change), or "
-            "start a new run in another output folder."
-        )
+    check_same_settings(stored, config.to_dict(), RESUMABLE_CHANGES, path)
     if [str(p) for p in scans] != list(payload["scans"]):
         raise ConfigError(
             f"Cannot resume from {path}: the training scans differ from the interrupted run's "
@@ -450,17 +375,7 @@ def _train_loop(
                 save_training_checkpoint(
                     state, config, paths, checkpoint_path(output_dir, state.iteration)
                 )
-                for _, old in list_checkpoints(output_dir)[: -config.keep_checkpoints]:
-                    old.unlink()
-
-
-def _prepare_log(output_dir: Path, iteration: int) -> None:
-    """Keep the log lines up to ``iteration`` (a resumed run rewrites what came after)."""
-    path = output_dir / LOG_FILE
-    header = "iteration\tloss\tlocal\tglobal\tlr\tseconds\n"
-    lines = path.read_text().splitlines(keepends=True)[1:] if path.exists() else []
-    kept = [line for line in lines if int(line.split("\t", 1)[0]) <= iteration]
-    path.write_text(header + "".join(kept))
+                remove_old_checkpoints(output_dir, config.keep_checkpoints)
 
 
 def train_sam(
@@ -502,14 +417,14 @@ def train_sam(
         path = existing[-1][1]
         payload = load_training_checkpoint(path)
         _check_same_run(payload, config, paths, path)
-        _restore(state, payload, path)
+        restore(state, payload, path)
         log.info("Resuming SAM training from %s (iteration %d)", path, state.iteration)
     elif resume:
         log.warning("No checkpoint in %s: starting a new SAM training run.", output_dir)
     (output_dir / "train_config.json").write_text(
         json.dumps({"config": config.to_dict(), "scans": [str(p) for p in paths]}, indent=2)
     )
-    _prepare_log(output_dir, state.iteration)
+    prepare_log(output_dir / LOG_FILE, LOG_HEADER, state.iteration)
 
     workers = config.workers if config.workers is not None else (4 if device.type == "cuda" else 0)
     dataset = CropPairDataset(
