@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from ..errors import SameRegistrationError
-from .checkpoints import list_checkpoints
+from .command import Bars, add_run_arguments, report_interrupted
 from .crops import CropConfig
 from .sam_trainer import SAMTrainConfig, collect_scans, train_sam
 
@@ -76,57 +76,26 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="iterations of linear learning-rate warm-up (default %(default)s)",
     )
-    parser.add_argument("--seed", type=int, default=_DEFAULTS.seed, help="default %(default)s")
-    parser.add_argument(
-        "--device", default=_DEFAULTS.device, help="auto (default), cpu, cuda or cuda:N"
-    )
-    parser.add_argument(
-        "--checkpoint-every",
-        type=int,
-        default=_DEFAULTS.checkpoint_every,
-        metavar="N",
-        help="write a checkpoint every N iterations (default %(default)s)",
-    )
     parser.add_argument(
         "--workers",
         type=int,
         help="data loading processes (default: 4 on CUDA, 0 on the CPU)",
     )
-    parser.add_argument(
-        "--resume",
-        action="store_true",
-        help="continue the run in the output folder from its latest checkpoint",
-    )
-    parser.add_argument(
-        "--progress", choices=["bars", "none"], default="bars", help="default %(default)s"
-    )
+    add_run_arguments(parser, _DEFAULTS)
     return parser
 
 
-class _Bar:
-    """A tqdm bar on standard error showing the loss."""
-
-    def __init__(self) -> None:
-        self.bar = None
-
-    def __call__(self, done: int, total: int, loss: float) -> None:
-        from tqdm import tqdm
-
-        if self.bar is None:
-            self.bar = tqdm(total=total, initial=done - 1, desc="train-sam", file=sys.stderr)
-        self.bar.update(done - self.bar.n)
-        self.bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+def _train_bar(bars: Bars | None):
+    if bars is None:
+        return None
+    return lambda done, total, loss: bars.update("train-sam", done, total, loss)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run ``train-sam``; 0 on success, 2 on a user error (printed as ``error: ...``)."""
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    bar = _Bar() if args.progress == "bars" else None
+    bars = Bars() if args.progress == "bars" else None
     try:
         config = SAMTrainConfig(
             iterations=args.iterations,
@@ -142,17 +111,14 @@ def main(argv: list[str] | None = None) -> int:
             crops=CropConfig(patch=tuple(args.patch)),
         )
         scans = collect_scans(args.scans, args.exclude_pattern)
-        final = train_sam(scans, args.output, config, progress=bar, resume=args.resume)
+        final = train_sam(scans, args.output, config, progress=_train_bar(bars), resume=args.resume)
     except SameRegistrationError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        saved = list_checkpoints(args.output)
-        where = f" from {saved[-1][1].name}" if saved else " (no checkpoint was written yet)"
-        print(f"interrupted: continue with --resume{where}.", file=sys.stderr)
-        return 130
+        return report_interrupted(args.output)
     finally:
-        if bar is not None:
-            bar.close()
+        if bars is not None:
+            bars.close()
     print(f"trained SAM weights: {final}")
     return 0

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from ..errors import SameRegistrationError
-from .checkpoints import list_checkpoints
+from .command import Bars, add_run_arguments, report_interrupted
 from .deform_trainer import DeformTrainConfig, train_deform
 from .sam_trainer import collect_scans
 
@@ -98,17 +98,6 @@ def build_parser() -> argparse.ArgumentParser:
         "whole fixed grid); saves memory and time, e.g. on a CPU",
     )
     parser.add_argument("--lr", type=float, default=_DEFAULTS.lr, help="default %(default)s")
-    parser.add_argument("--seed", type=int, default=_DEFAULTS.seed, help="default %(default)s")
-    parser.add_argument(
-        "--device", default=_DEFAULTS.device, help="auto (default), cpu, cuda or cuda:N"
-    )
-    parser.add_argument(
-        "--checkpoint-every",
-        type=int,
-        default=_DEFAULTS.checkpoint_every,
-        metavar="N",
-        help="write a checkpoint every N iterations (default %(default)s)",
-    )
     parser.add_argument(
         "--set",
         action="append",
@@ -116,42 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="registration setting for the pre-alignment, e.g. --set coarse.iterations=200",
     )
-    parser.add_argument(
-        "--resume",
-        action="store_true",
-        help="continue the run in the output folder from its latest checkpoint",
-    )
-    parser.add_argument(
-        "--progress", choices=["bars", "none"], default="bars", help="default %(default)s"
-    )
+    add_run_arguments(parser, _DEFAULTS)
     return parser
-
-
-class _Bars:
-    """tqdm bars on standard error: one for the pre-alignment, one for training with the loss."""
-
-    def __init__(self) -> None:
-        self.bars: dict[str, object] = {}
-
-    def _bar(self, name: str, total: int, done: int):
-        from tqdm import tqdm
-
-        if name not in self.bars:
-            self.bars[name] = tqdm(total=total, initial=done - 1, desc=name, file=sys.stderr)
-        return self.bars[name]
-
-    def prepare(self, done: int, total: int) -> None:
-        bar = self._bar("pre-align", total, done)
-        bar.update(done - bar.n)
-
-    def train(self, done: int, total: int, loss: float) -> None:
-        bar = self._bar("train-deform", total, done)
-        bar.update(done - bar.n)
-        bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
-
-    def close(self) -> None:
-        for bar in self.bars.values():
-            bar.close()
 
 
 def _overrides(items: list[str]) -> dict:
@@ -171,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run ``train-deform``; 0 on success, 2 on a user error (printed as ``error: ...``)."""
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    bars = _Bars() if args.progress == "bars" else None
+    bars = Bars() if args.progress == "bars" else None
     try:
         config = DeformTrainConfig(
             epochs=args.epochs,
@@ -198,18 +153,15 @@ def main(argv: list[str] | None = None) -> int:
             scans,
             args.output,
             config,
-            progress=bars.train if bars else None,
+            progress=(lambda d, t, loss: bars.update("train-deform", d, t, loss)) if bars else None,
             resume=args.resume,
-            prepare_progress=bars.prepare if bars else None,
+            prepare_progress=(lambda d, t: bars.update("pre-align", d, t)) if bars else None,
         )
     except SameRegistrationError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        saved = list_checkpoints(args.output)
-        where = f" from {saved[-1][1].name}" if saved else " (no checkpoint was written yet)"
-        print(f"interrupted: continue with --resume{where}.", file=sys.stderr)
-        return 130
+        return report_interrupted(args.output)
     finally:
         if bars is not None:
             bars.close()
