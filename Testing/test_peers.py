@@ -140,11 +140,12 @@ def test_peer_wrapper_recovers_a_known_translation(name: str, shifted_pair):
 
 def _run_script(args: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
     require_data("openkbp")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    # The tables hold "±": decode as UTF-8 whatever the machine's locale.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUTF8": "1", **(env or {})}
     return subprocess.run(
         [sys.executable, str(SCRIPT), *args],
         capture_output=True,
-        text=True,
+        encoding="utf-8",
         env=env,
         timeout=QUICK_TIMEOUT_S,
         cwd=REPO,
@@ -154,7 +155,11 @@ def _run_script(args: list[str], env: dict | None = None) -> subprocess.Complete
 def _outputs(folder: Path) -> tuple[dict, str, list[Path]]:
     (result,) = folder.glob("peers-*.json")
     (table,) = folder.glob("peers-*.md")
-    return json.loads(result.read_text()), table.read_text(), sorted(folder.glob("peers-*.png"))
+    return (
+        json.loads(result.read_text()),
+        table.read_text(encoding="utf-8"),
+        sorted(folder.glob("peers-*.png")),
+    )
 
 
 def test_quick_run_writes_sane_results(tmp_path: Path):

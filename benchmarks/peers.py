@@ -515,7 +515,11 @@ def run_child(job: dict, scratch: Path, timeout: float) -> dict:
         why = f"timed out after {timeout:g} s" if code is None else f"exit status {code}"
         if code is not None and code < 0:
             why += " (killed by a signal; out of memory?)"
-        report = {"status": "failed", "error": why, "log": log_path.read_text()[-2000:]}
+        report = {
+            "status": "failed",
+            "error": why,
+            "log": log_path.read_text(encoding="utf-8", errors="replace")[-2000:],
+        }
     report["process_seconds"] = round(time.perf_counter() - clock, 3)
     return report
 
@@ -737,7 +741,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{len(pairs)} OpenKBP validation pairs (seed {args.seed}); "
         f"{run_pairs.machine_line(document['machine'], 'cpu', [])}; threads: {args.threads or 'default'}"
     )
-    prefix.with_suffix(".md").write_text(f"{header}\n\n{table}\n")
+    prefix.with_suffix(".md").write_text(f"{header}\n\n{table}\n", encoding="utf-8")
     print(f"\n{header}\n\n{table}\n")
     print(
         f"Saved {prefix.with_suffix('.json')}, {prefix.with_suffix('.md')}, {', '.join(map(str, pngs))}"
