@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +29,7 @@ from ..features import make_extractor
 from ..features.base import FeatureMaps
 from ..grid import Grid
 from ..image import WorkingImage, check_ct, read_image
+from .checkpoints import write_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -87,15 +87,6 @@ def _load(path: Path) -> dict | None:
         return None
 
 
-def _save(payload: dict, path: Path) -> None:
-    partial = path.with_name(path.name + ".partial")
-    try:
-        torch.save(payload, partial)
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
-
-
 class PairCache:
     """Pre-aligned pairs under ``folder``, computed on first use with ``config`` (resolved)."""
 
@@ -147,7 +138,7 @@ class PairCache:
             entry = _load(path)
             if entry is None or entry.get("key") != key:
                 entry = self._pre_align(fixed, moving, key)
-                _save(entry, path)
+                write_checkpoint(entry, path)
             if entry["status"] == "ok":
                 usable.append(index)
             else:
@@ -204,7 +195,7 @@ class PairCache:
                 feature_grid=grid_to_payload(maps.grid),
                 feature_body=torch.as_tensor(maps.body),
             )
-        _save(payload, target)
+        write_checkpoint(payload, target)
 
     # --- loading -----------------------------------------------------------------------------
 
