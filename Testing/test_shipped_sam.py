@@ -19,11 +19,11 @@ from SAMERegistrationLib.features.sam import (
     DEFAULT_WEIGHTS,
     SamExtractor,
     default_weights,
-    file_sha256,
     verify_shipped_weights,
 )
 from SAMERegistrationLib.features.sam_network import load_sam_checkpoint
 from SAMERegistrationLib.image import sam_intensity, to_working_grid
+from SAMERegistrationLib.shipped import file_sha256
 
 
 def test_shipped_weights_match_their_recorded_hash():

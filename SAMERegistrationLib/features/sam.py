@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-from functools import cache
 from pathlib import Path
 
 import torch
@@ -14,10 +11,10 @@ from .. import spatial
 from ..errors import CheckpointError
 from ..grid import Grid
 from ..image import WorkingImage, sam_intensity
+from ..shipped import MODELS, read_record, verify_shipped
 from .base import FeatureMaps, unit
 from .sam_network import GLOBAL_STRIDE, LOCAL_STRIDE, load_sam_checkpoint
 
-MODELS = Path(__file__).resolve().parent.parent / "models"
 DEFAULT_WEIGHTS = MODELS / "sam_default.pt"
 #: The shipped model's record: its SHA256 and how it was trained (the model card has the rest).
 DEFAULT_RECORD = MODELS / "sam_default.json"
@@ -33,57 +30,14 @@ def shipped_model_preferred() -> bool:
     evaluation found it better than MIND-SSC (see the model card)."""
     if default_weights() is None:
         return False
-    try:
-        return bool(json.loads(DEFAULT_RECORD.read_text()).get("preferred_for_auto", False))
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return bool(read_record(DEFAULT_RECORD).get("preferred_for_auto", False))
 
 
 def verify_shipped_weights(
     weights: str | os.PathLike = DEFAULT_WEIGHTS, record: str | os.PathLike = DEFAULT_RECORD
 ) -> str:
-    """Check shipped weights against the SHA256 in their record; return the hash.
-
-    A damaged or replaced file would give wrong embeddings without any error, so it is refused.
-    """
-    weights, record = Path(weights), Path(record)
-    try:
-        expected = json.loads(record.read_text())["sha256"]
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise CheckpointError(
-            f"The record of the shipped SAM model ({record}) is missing or unreadable ({err}). "
-            "Reinstall SAMERegistration, or pass --weights PATH/TO/SAM.pth."
-        ) from err
-    actual = _cached_sha256(str(weights), *_stamp(weights))
-    if actual != expected:
-        raise CheckpointError(
-            f"The shipped SAM model {weights} does not match its recorded SHA256 (expected "
-            f"{expected[:16]}..., found {actual[:16]}...): the file is damaged or was replaced. "
-            "Reinstall SAMERegistration, or pass --weights PATH/TO/SAM.pth."
-        )
-    return actual
-
-
-def _stamp(path: Path) -> tuple[int, int]:
-    try:
-        info = path.stat()
-    except OSError as err:
-        raise CheckpointError(f"The shipped SAM model {path} cannot be read ({err}).") from err
-    return info.st_size, info.st_mtime_ns
-
-
-@cache
-def _cached_sha256(path: str, size: int, mtime_ns: int) -> str:
-    """Hash once per file version (size and time key the cache) and process."""
-    return file_sha256(path)
+    """Check the shipped SAM weights against the SHA256 in their record; return the hash."""
+    return verify_shipped(weights, record, "SAM model", "pass --weights PATH/TO/SAM.pth")
 
 
 class SamExtractor:

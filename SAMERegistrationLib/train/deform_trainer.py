@@ -43,7 +43,7 @@ from ..deform.network import DeformNetwork
 from ..device import resolve_device
 from ..errors import CheckpointError, ConfigError, DeviceError, InputError, OutputError
 from ..features.base import FeatureMaps
-from ..features.sam import file_sha256
+from ..shipped import file_sha256
 from .checkpoints import (
     check_same_settings,
     checkpoint_path,
