@@ -72,9 +72,9 @@ def register(
     device = resolve_device(config.device)
     extractor = make_extractor(config, device)
     config = config.resolved_for(extractor.name)
-    network = None
-    if config.deform.enabled and config.deform.weights:
-        network = deform.load_model(
+    network, deform_source = None, "disabled"
+    if config.deform.enabled:
+        network, deform_source = deform.choose_model(
             config.deform,
             extractor.name,
             getattr(extractor, "weights", None),
@@ -91,17 +91,20 @@ def register(
 
         clock = time.perf_counter()
         report("deform", 0, 1)
-        if not config.deform.enabled:
-            stages["deform"] = _skipped("disabled")
-        elif network is None:
-            reason = "no SAM-deform network weights were given (deform.weights)"
-            log.info("deform stage skipped: %s", reason)
-            stages["deform"] = _skipped(reason)
+        if network is None:
+            if config.deform.enabled:
+                log.info("deform stage skipped: %s", deform_source)
+            stages["deform"] = _skipped(deform_source)
         else:
             dense, info = deform.apply_deform(
                 network, pre.fixed, pre.moving, pre.fixed_maps, pre.moving_maps, pre.affine, dense
             )
-            stages["deform"] = {"status": "done", "seconds": _lap(clock), **info}
+            stages["deform"] = {
+                "status": "done",
+                "seconds": _lap(clock),
+                "weights": deform_source,
+                **info,
+            }
         report("deform", 1, 1)
 
         clock = time.perf_counter()

@@ -171,15 +171,15 @@ def ct_pair():
 
 def test_pipeline_composes_the_deform_field_before_the_pre_alignment(ct_pair, tmp_path) -> None:
     fixed, moving = ct_pair
-    without = register(fixed, moving, **PIPELINE)
-    assert without.stages["deform"]["status"] == "skipped"
-    assert "no SAM-deform network weights" in without.stages["deform"]["reason"]
+    without = register(fixed, moving, deform__enabled=False, **PIPELINE)
+    assert without.stages["deform"] == {"status": "skipped", "reason": "disabled"}
 
     voxels = [1.0, -2.0, 0.5]  # a constant velocity: exp(v) is the translation by v
     weights = _translation_weights(tmp_path / "deform.pth", voxels)
     result = register(fixed, moving, deform__weights=str(weights), **PIPELINE)
     stage = result.stages["deform"]
     assert stage["status"] == "done" and stage["variant"] == "svf" and stage["correlation"]
+    assert stage["weights"] == str(weights)
     assert stage["folding_percent"] == 0.0
     assert result.dense.shape == (3, *result.working_grid.shape)
     np.testing.assert_array_equal(result.affine, without.affine)

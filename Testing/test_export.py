@@ -11,6 +11,7 @@ from SAMERegistrationLib import register
 from SAMERegistrationLib.errors import OutputError
 from SAMERegistrationLib.export import write_outputs
 from SAMERegistrationLib.grid import Grid
+from SAMERegistrationLib.stages.deform import DEFAULT_WEIGHTS
 from SAMERegistrationLib.synthetic import demo_pair
 
 
@@ -49,8 +50,11 @@ def test_displacement_file_maps_points_like_the_library(registered):
     points = inside_points(grid)
     got = np.array([transform.TransformPoint(tuple(p)) for p in points])
     # Between voxel centres ITK interpolates the field sampled on the 3 mm fixed grid, while the
-    # library interpolates its 2 mm working grid: they may differ by a small fraction of a voxel.
-    assert np.abs(got - result.map_points(points)).max() < 0.2
+    # library interpolates its 2 mm working grid: they differ by a small fraction of a voxel on
+    # the whole, more where the learned stage's field changes fast (at the body's edge).
+    error = np.linalg.norm(got - result.map_points(points), axis=1)
+    assert error.mean() < 0.1 and np.percentile(error, 95) < 0.3, error
+    assert error.max() < 0.5 * min(fixed.GetSpacing())
 
 
 def test_affine_file_is_the_affine_stage_in_itk_convention(registered):
@@ -81,7 +85,9 @@ def test_registration_improves_dice_and_report_is_complete(registered):
     assert report["metrics"]["folding_percent"] < 1.0
     for key in ("software", "device", "config", "stages", "total_seconds"):
         assert key in report
-    assert report["stages"]["deform"]["status"] == "skipped"
+    # The demo runs on the 2 mm grid with MIND: the shipped SAM-deform network applies.
+    deform = report["stages"]["deform"]
+    assert deform["status"] == "done" and deform["weights"] == DEFAULT_WEIGHTS.name
     assert report["config"]["features"] == "mind"
 
 

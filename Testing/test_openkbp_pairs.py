@@ -47,3 +47,11 @@ def test_deformable_stages_add_to_the_affine(runs):
 def test_fields_stay_regular(runs):
     for full, _ in runs:
         assert full.metrics["folding_percent"] < 1.0
+
+
+def test_the_shipped_deform_network_runs_by_default_with_mind(runs):
+    for full, _ in runs:
+        deform = full.stages["deform"]
+        assert deform["status"] == "done", deform
+        assert deform["weights"] == "deform_default.pt"
+        assert deform["folding_percent"] < 1.0  # the network's own field id + u

@@ -234,8 +234,19 @@ def test_unknown_method_is_refused_with_the_choices():
 
 def test_sam_rows_are_skipped_without_weights_and_deform_rows_without_deform_weights():
     from SAMERegistrationLib.features.sam import default_weights
+    from SAMERegistrationLib.stages.deform import shipped_features
 
     sam = peers.skip_reason(peers.METHODS["same_sam_affine"], None)
     assert sam == (peers.NO_SAM if default_weights() is None else None)
-    assert peers.skip_reason(peers.METHODS["same_mind_deform"], None) == peers.NO_DEFORM
+    shipped = shipped_features()  # the shipped SAM-deform network runs for its own features only
+    for feature in ("mind", "sam"):
+        reason = peers.skip_reason(peers.METHODS[f"same_{feature}_deform"], None)
+        if feature == "sam" and default_weights() is None:
+            assert reason == peers.NO_SAM
+        else:
+            assert reason == (None if shipped == feature else peers.NO_DEFORM)
+        assert peers.skip_reason(peers.METHODS[f"same_{feature}_deform"], "given.pth") in (
+            None,
+            peers.NO_SAM,
+        )
     assert peers.skip_reason(peers.METHODS["same_mind_instance"], None) is None

@@ -36,10 +36,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--deform",
         action="append",
-        required=True,
+        default=[],
         metavar="NAME=WEIGHTS",
         help="a SAM-deform weights file and its row name (repeatable; the first one also runs "
-        "with instance optimisation)",
+        "with instance optimisation; default: the shipped network as 'shipped')",
     )
     parser.add_argument("--pairs", type=int, default=10, help="validation pairs (10)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the pairing (0)")
@@ -56,7 +56,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="configuration override for every run (VALUE is JSON, else a string)",
     )
     parser.add_argument("--output", type=Path, help="results JSON (default: benchmarks/results/)")
+    parser.add_argument(
+        "--figure", type=Path, help="also plot Dice and folding per row to this PNG (matplotlib)"
+    )
     args = parser.parse_args(argv)
+    if not args.deform:
+        from SAMERegistrationLib.stages.deform import shipped_weights
+
+        if shipped_weights() is None:
+            parser.error("no SAM-deform network ships with this installation: give --deform")
+        args.deform = [f"shipped={shipped_weights()}"]
     args.variants = {}
     for item in args.deform:
         name, sep, path = item.partition("=")
@@ -179,12 +188,53 @@ def _mean(values: list[float], digits: int = 3) -> str:
     return f"{statistics.mean(values):.{digits}f}" if values else "–"
 
 
+def plot(document: dict, path: Path) -> None:
+    """Mean Dice (± sd) per row as bars, each labelled with its folding % and time per pair."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(dict.fromkeys(entry["row"] for entry in document["rows"]))
+    stats = []
+    for name in names:
+        ok = [e for e in document["rows"] if e["row"] == name and e["status"] == "ok"]
+        dice = [e["dice"] for e in ok]
+        stats.append(
+            (
+                statistics.mean(dice) if dice else 0.0,
+                statistics.stdev(dice) if len(dice) > 1 else 0.0,
+                _mean([e["folding"] for e in ok], 2),
+                _mean([e["seconds"] for e in ok], 0),
+            )
+        )
+    figure, axes = plt.subplots(figsize=(8, 0.6 * len(names) + 1.2))
+    positions = range(len(names))
+    axes.barh(positions, [s[0] for s in stats], xerr=[s[1] for s in stats], color="#4c72b0")
+    for y, (mean, spread, folding, seconds) in zip(positions, stats):
+        axes.text(mean + spread + 0.01, y, f"fold {folding} %, {seconds} s", va="center")
+    axes.set_yticks(list(positions), names)
+    axes.invert_yaxis()
+    axes.set_xlim(0, 1)
+    axes.set_xlabel(
+        f"mean Dice (± sd) over the registered runs of {len(document['pairs'])} validation pairs"
+    )
+    axes.set_title("SAM-deform ablation")
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     variants = {name: describe(path) for name, path in args.variants.items()}
     document = run(args)
     document["options"] = {k: str(v) for k, v in vars(args).items() if k != "variants"}
     print(table(document, variants))
+    if args.figure:
+        plot(document, args.figure)
+        print(f"figure {args.figure}", file=sys.stderr)
     output = (
         args.output or HERE / "results" / f"ablation_deform-{datetime.now():%Y%m%d-%H%M%S}.json"
     )

@@ -48,7 +48,10 @@ RESULTS = REPO / "benchmarks" / "results"
 HU_MIN, HU_MAX = -1024.0, 3071.0
 INSTALL_HINT = "install the benchmark extra: pip install -e '.[bench]'"
 NO_SAM = "no SAM weights"
-NO_DEFORM = "no SAM-deform weights (the library ships none; pass --deform-weights to run this row)"
+NO_DEFORM = (
+    "no SAM-deform weights for these features (none given and the shipped network was trained "
+    "on others; pass --deform-weights to run this row)"
+)
 
 Wrapper = Callable[[sitk.Image, sitk.Image, bool], sitk.Transform]
 
@@ -437,7 +440,10 @@ def skip_reason(method: Method, deform_weights: str | None) -> str | None:
         if default_weights() is None:
             return NO_SAM
     if method.stage == "deform" and not deform_weights:
-        return NO_DEFORM
+        from SAMERegistrationLib.stages.deform import shipped_features
+
+        if shipped_features() != method.feature:
+            return NO_DEFORM
     return None
 
 

@@ -43,8 +43,8 @@ DERIVED_NOTE = "derived from the full run (no separate run)"
 
 # The pipeline variants: configuration overrides that stop it after the affine or coarse stage.
 VARIANTS = {
-    "affine": {"coarse__enabled": False, "instance__enabled": False},
-    "coarse": {"instance__enabled": False},
+    "affine": {"coarse__enabled": False, "deform__enabled": False, "instance__enabled": False},
+    "coarse": {"deform__enabled": False, "instance__enabled": False},
     "full": {},
 }
 STAGE_LABELS = {"affine": "affine", "coarse": "+coarse", "full": "+instance (full)"}

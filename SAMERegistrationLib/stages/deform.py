@@ -4,7 +4,8 @@ The network sees the fixed image, the moving image pulled through the pre-alignm
 ``phi_pre(p) = A(p + u_coarse(p))`` and the SAM correlation of the two, and predicts a field u on
 the fixed working grid. The stage's map is ``phi_pre o (id + u)``: u moves fixed points first, then
 the pre-alignment carries them into moving space, so the total displacement becomes
-``u(p) + u_coarse(p + u(p))`` with the affine still applied last. Without network weights the
+``u(p) + u_coarse(p + u(p))`` with the affine still applied last. Without network weights given, the
+network shipped with the library runs when it was trained on the same features; otherwise the
 pipeline skips this stage with a logged reason.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -23,24 +25,95 @@ from ..deform.field import displacement
 from ..deform.inputs import build_inputs
 from ..errors import ConfigError
 from ..features.base import FeatureMaps
-from ..features.sam import file_sha256
 from ..image import WorkingImage
+from ..shipped import MODELS, file_sha256, read_record, verify_shipped
 
 log = logging.getLogger(__name__)
 
 
-def load_model(
+#: The SAM-deform network shipped with the library, its record (SHA256, features) and model card.
+DEFAULT_WEIGHTS = MODELS / "deform_default.pt"
+DEFAULT_RECORD = MODELS / "deform_default.json"
+
+
+def shipped_weights() -> Path | None:
+    """The SAM-deform network shipped with the library, if this installation has it."""
+    return DEFAULT_WEIGHTS if DEFAULT_WEIGHTS.is_file() else None
+
+
+def shipped_features() -> str | None:
+    """The features the shipped network was trained on (its correlation input), if one ships."""
+    return read_record(DEFAULT_RECORD).get("features") if shipped_weights() else None
+
+
+def choose_model(
     config: DeformConfig,
+    features: str,
+    sam_weights: str | os.PathLike[str] | None,
+    working_spacing_mm: float,
+    device: torch.device,
+) -> tuple[DeformModel | None, str]:
+    """The network to run and where it came from, or None and why the stage is skipped.
+
+    Weights given in ``config.weights`` must fit this registration: a mismatch stops it before
+    any work. Without them the shipped network runs when it was trained on the same features
+    (and, for SAM, the same SAM model) and working spacing; otherwise the stage is skipped with
+    the reason, since other embeddings or another scale are not what the network learnt.
+    """
+    if config.weights:
+        return load_model(config.weights, features, sam_weights, working_spacing_mm, device), str(
+            config.weights
+        )
+    shipped = shipped_weights()
+    if shipped is None:
+        return None, "no SAM-deform network weights were given (deform.weights)"
+    record = read_record(DEFAULT_RECORD)
+    trained = shipped_features()
+    train_hint = (
+        f"train one with 'same-register train-deform --features {features}' and pass it with "
+        "--deform-weights"
+    )
+    if trained != features:
+        return None, (
+            f"the shipped SAM-deform network was trained with {trained} features and this "
+            f"registration uses {features}; {train_hint}"
+        )
+    trained_spacing = record.get("working_spacing_mm")
+    if trained_spacing is not None and not np.isclose(trained_spacing, working_spacing_mm):
+        # The network predicts displacements in voxels of the grid it saw: another grid would
+        # show it anatomy at another scale.
+        return None, (
+            f"the shipped SAM-deform network was trained on a {trained_spacing:g} mm working "
+            f"grid and this registration uses {working_spacing_mm:g} mm; register with --spacing "
+            f"{trained_spacing:g} to use it"
+        )
+    trained_sam = record.get("sam_weights_sha256")
+    if features == "sam" and sam_weights is not None and file_sha256(sam_weights) != trained_sam:
+        return None, (
+            "the shipped SAM-deform network was trained with another SAM model than "
+            f"{sam_weights}; {train_hint}"
+        )
+    verify_shipped(
+        shipped,
+        DEFAULT_RECORD,
+        "SAM-deform network",
+        "pass --deform-weights PATH, or leave the stage out with --stages affine,coarse,instance",
+    )
+    return load_model(shipped, features, sam_weights, working_spacing_mm, device), shipped.name
+
+
+def load_model(
+    weights: str | os.PathLike[str],
     features: str,
     sam_weights: str | os.PathLike[str] | None,
     working_spacing_mm: float,
     device: torch.device,
 ) -> DeformModel:
     """Load and check the network before any work: a bad file or a mismatch stops registration."""
-    model = load_deform_weights(config.weights, map_location=device)
+    model = load_deform_weights(weights, map_location=device)
     if model.correlation and model.features != features:
         raise ConfigError(
-            f"The SAM-deform weights {config.weights} were trained with {model.features} "
+            f"The SAM-deform weights {weights} were trained with {model.features} "
             f"features as the correlation input, but this registration uses {features} features. "
             f"Register with --features {model.features}, or use weights trained with {features}."
         )
@@ -49,14 +122,14 @@ def load_model(
         log.warning(
             "The SAM-deform weights %s were trained with another SAM model than %s; its "
             "correlation input may not mean what the network learnt.",
-            config.weights,
+            weights,
             sam_weights,
         )
     trained = model.working_spacing_mm
     if trained is not None and not np.isclose(trained, working_spacing_mm):
         log.warning(
             "The SAM-deform weights %s were trained on a %g mm working grid; registering on %g mm.",
-            config.weights,
+            weights,
             trained,
             working_spacing_mm,
         )
