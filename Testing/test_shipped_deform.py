@@ -45,7 +45,7 @@ def test_shipped_network_matches_its_record_and_loads(record) -> None:
     assert model.integration_steps == 7 and model.correlation == record["correlation"]
     assert model.working_spacing_mm == record["working_spacing_mm"]
     assert model.meta["iterations"] == record["iterations"]
-    assert record["sha256"] in DEFAULT_RECORD.with_suffix(".md").read_text()
+    assert record["sha256"] in DEFAULT_RECORD.with_suffix(".md").read_text(encoding="utf-8")
     # It is trained: its flow layer has moved far from the near-zero initialisation.
     assert model.network.flow.weight.abs().max() > 1e-3
 
