@@ -166,10 +166,7 @@ def table(document: dict, variants: dict[str, str]) -> str:
         "| time s/pair |",
         "|---|---|---|---|---|---|",
     ]
-    names = list(dict.fromkeys(entry["row"] for entry in document["rows"]))
-    for name in names:
-        entries = [e for e in document["rows"] if e["row"] == name]
-        ok = [e for e in entries if e["status"] == "ok"]
+    for name, entries, ok in _by_row(document):
         dice = [e["dice"] for e in ok]
         spread = f" ± {statistics.stdev(dice):.3f}" if len(dice) > 1 else ""
         deform = [e["deform_folding"] for e in ok if e["deform_folding"] is not None]
@@ -184,6 +181,16 @@ def table(document: dict, variants: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
+def _by_row(document: dict) -> list[tuple[str, list[dict], list[dict]]]:
+    """(row name, its runs, its successful runs) in table order."""
+    names = list(dict.fromkeys(entry["row"] for entry in document["rows"]))
+    grouped = []
+    for name in names:
+        entries = [e for e in document["rows"] if e["row"] == name]
+        grouped.append((name, entries, [e for e in entries if e["status"] == "ok"]))
+    return grouped
+
+
 def _mean(values: list[float], digits: int = 3) -> str:
     return f"{statistics.mean(values):.{digits}f}" if values else "–"
 
@@ -195,10 +202,10 @@ def plot(document: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = list(dict.fromkeys(entry["row"] for entry in document["rows"]))
+    rows = _by_row(document)
+    names = [name for name, _, _ in rows]
     stats = []
-    for name in names:
-        ok = [e for e in document["rows"] if e["row"] == name and e["status"] == "ok"]
+    for _, _, ok in rows:
         dice = [e["dice"] for e in ok]
         stats.append(
             (

@@ -4,9 +4,9 @@ The network sees the fixed image, the moving image pulled through the pre-alignm
 ``phi_pre(p) = A(p + u_coarse(p))`` and the SAM correlation of the two, and predicts a field u on
 the fixed working grid. The stage's map is ``phi_pre o (id + u)``: u moves fixed points first, then
 the pre-alignment carries them into moving space, so the total displacement becomes
-``u(p) + u_coarse(p + u(p))`` with the affine still applied last. Without network weights given, the
-network shipped with the library runs when it was trained on the same features; otherwise the
-pipeline skips this stage with a logged reason.
+``u(p) + u_coarse(p + u(p))`` with the affine still applied last. Without weights given, the
+network shipped with the library runs where it fits (``choose_model``); otherwise the pipeline
+skips this stage with a logged reason.
 """
 
 from __future__ import annotations
@@ -61,14 +61,13 @@ def choose_model(
     the reason, since other embeddings or another scale are not what the network learnt.
     """
     if config.weights:
-        return load_model(config.weights, features, sam_weights, working_spacing_mm, device), str(
-            config.weights
-        )
+        model = load_model(config.weights, features, sam_weights, working_spacing_mm, device)
+        return model, str(config.weights)
     shipped = shipped_weights()
     if shipped is None:
         return None, "no SAM-deform network weights were given (deform.weights)"
     record = read_record(DEFAULT_RECORD)
-    trained = shipped_features()
+    trained = record.get("features")
     train_hint = (
         f"train one with 'same-register train-deform --features {features}' and pass it with "
         "--deform-weights"
