@@ -179,7 +179,10 @@ def test_quick_run_writes_sane_results(tmp_path: Path):
         assert 0.0 <= row["mean_dice"] <= 1.0
         assert set(row["dice"]) <= set(document["organs"])
         assert row["seconds"] >= 0 and 0.1 < row["peak_rss_gb"] < 20
-        assert row["folding_percent"] == 0.0  # quick methods are affine maps
+        # Quick methods are affine maps: they fold nowhere, or everywhere when a peer ends in a
+        # reflection (det < 0), which ANTs and SimpleITK, not deterministic run to run, can do
+        # on this pair.
+        assert row["folding_percent"] in (0.0, 100.0), row["folding_percent"]
     # Pair 1 puts a head-only scan against a head-to-shoulders one: the peers' centre-of-mass
     # starts land far off (Dice < 0.1), while SAME's feature matching finds the head.
     assert rows["same_mind_affine"]["mean_dice"] > rows["unregistered"]["mean_dice"] + 0.2
