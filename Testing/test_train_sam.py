@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -13,8 +14,13 @@ import torch
 from conftest import require_data
 
 from SAMERegistrationLib.errors import CheckpointError, ConfigError, InputError, OutputError
-from SAMERegistrationLib.features.sam_network import load_sam_checkpoint
+from SAMERegistrationLib.features.sam_network import (
+    SAMNetwork,
+    load_sam_checkpoint,
+    save_sam_checkpoint,
+)
 from SAMERegistrationLib.image import sam_intensity
+from SAMERegistrationLib.shipped import file_sha256
 from SAMERegistrationLib.synthetic import make_phantom
 from SAMERegistrationLib.train.cli import main
 from SAMERegistrationLib.train.crops import (
@@ -30,6 +36,7 @@ from SAMERegistrationLib.train.losses import LossConfig, nearest_partners, sam_l
 from SAMERegistrationLib.train.sam_trainer import (
     SAMTrainConfig,
     collect_scans,
+    learning_rate,
     list_checkpoints,
     load_training_checkpoint,
     new_training_state,
@@ -154,6 +161,26 @@ def test_crop_pair_partners_are_the_same_physical_point() -> None:
     partner_zyx = np.stack(np.unravel_index(partner.numpy(), g2.shape), -1)[::3, ::3, ::3]
     first_zyx = np.stack(np.meshgrid(*(np.arange(0, n, 3) for n in g1.shape), indexing="ij"), -1)
     np.testing.assert_array_equal(partner_zyx, first_zyx // 3 * 2 + shift_xyz[::-1])
+
+
+def test_intensity_jitter_is_one_random_gain_and_shift_per_view() -> None:
+    scans, _ = _ramp_scans()  # HU from -900 upwards: inside SAM's window, so nothing is clipped
+    geometry = ViewGeometry((60.0, 0.0, 50.0), 2.0, (8, 12, 12))
+    plain = render_view(scans[0], geometry)
+    hu = (plain.image + 50.0) * (4095.0 / 255.0) - 1024.0
+    fits = []
+    for seed in (1, 2):
+        jittered = render_view(scans[0], geometry, np.random.default_rng(seed), 0.0, 0.1, 30.0)
+        assert [a.tolist() for a in jittered.axes_mm] == [a.tolist() for a in plain.axes_mm]
+        hu_jittered = (jittered.image + 50.0) * (4095.0 / 255.0) - 1024.0
+        gain, shift = np.polyfit(hu.ravel(), hu_jittered.ravel(), 1)
+        np.testing.assert_allclose(hu_jittered, gain * hu + shift, atol=0.05)
+        assert 0.9 <= gain <= 1.1 and -30.0 <= shift <= 30.0
+        fits.append((gain, shift))
+    assert abs(fits[0][0] - fits[1][0]) > 1e-3 and abs(fits[0][1] - fits[1][1]) > 0.1
+    np.testing.assert_array_equal(
+        render_view(scans[0], geometry, None, 0.0, 0.1, 30.0).image, plain.image
+    )
 
 
 def test_random_pairs_are_scaled_and_placed_on_the_body() -> None:
@@ -296,3 +323,59 @@ def test_invalid_settings_are_refused_with_their_names() -> None:
     with pytest.raises(ConfigError, match="optimizer must be one of sgd, adam") as info:
         replace(SMALL, optimizer="rmsprop", width=0.0).validate()
     assert "width must be a positive number" in str(info.value)
+
+
+# --- fine-tuning and learning-rate schedule --------------------------------------------------------
+
+
+def test_fine_tuning_starts_from_the_given_weights(train_scans, tmp_path, capsys) -> None:
+    start = SAMNetwork(SMALL.width, SMALL.embedding_dim)
+    torch.nn.init.normal_(start.backbone.conv1.conv.weight)  # unlike any seeded initialisation
+    weights = tmp_path / "start.pth"
+    save_sam_checkpoint(start, weights)
+    config = replace(SMALL, init_weights=str(weights), iterations=2)
+    state = new_training_state(config, torch.device("cpu"))
+    for key, value in start.state_dict().items():
+        assert torch.equal(state.model.state_dict()[key], value), key
+
+    final = train_sam(train_scans, tmp_path / "run", config)
+    sha = file_sha256(weights)
+    assert (
+        json.loads((tmp_path / "run" / "train_config.json").read_text())["init_weights_sha256"]
+        == sha
+    )
+    meta = torch.load(final, weights_only=True)["meta"]
+    assert meta["init_weights"] == "start.pth" and meta["init_weights_sha256"] == sha
+
+    with pytest.raises(ConfigError, match="width 0.125 .*--width 0.125"):
+        train_sam(train_scans, tmp_path / "wide", replace(config, width=0.25))
+    assert not (tmp_path / "wide").exists()
+
+    # The command line takes the width from the weights.
+    common = ["-o", str(tmp_path / "cli"), "--iterations", "1", "--batch", "2", "--patch", "16"]
+    common += ["48", "48", "--device", "cpu", "--progress", "none", "--init-weights", str(weights)]
+    assert main([str(p) for p in train_scans] + common) == 0
+    assert load_sam_checkpoint(tmp_path / "cli" / "sam_trained.pth").width == SMALL.width
+    capsys.readouterr()
+    assert main([str(p) for p in train_scans] + common[:-1] + [str(tmp_path / "missing.pth")]) == 2
+    assert "missing.pth does not exist" in capsys.readouterr().err
+
+
+def test_cosine_schedule_warms_up_then_decays_to_zero(train_scans, tmp_path) -> None:
+    config = replace(SMALL, lr=0.1, iterations=110, warmup_iterations=10, lr_schedule="cosine")
+    assert learning_rate(config, 0) == pytest.approx(0.01)
+    assert learning_rate(config, 10) == pytest.approx(0.1)
+    assert learning_rate(config, 60) == pytest.approx(0.05)
+    assert learning_rate(config, 110) == pytest.approx(0.0, abs=1e-12)
+    assert learning_rate(replace(config, lr_schedule="constant"), 109) == 0.1
+
+    # Resuming may not change the planned length: that would bend the decay.
+    cosine = replace(SMALL, lr_schedule="cosine")
+    train_sam(train_scans, tmp_path / "run", cosine)
+    (tmp_path / "run" / "checkpoint_0000004.pt").unlink()
+    with pytest.raises(ConfigError, match="iterations: 4 -> 6"):
+        train_sam(train_scans, tmp_path / "run", replace(cosine, iterations=6), resume=True)
+    with pytest.raises(ConfigError, match="lr_schedule must be one of constant, cosine"):
+        replace(SMALL, lr_schedule="step").validate()
+    with pytest.raises(ConfigError, match="intensity_scale must lie in"):
+        replace(SMALL, crops=CropConfig(intensity_scale=1.5)).validate()

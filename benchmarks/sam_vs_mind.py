@@ -3,6 +3,8 @@
     python benchmarks/sam_vs_mind.py                          # the shipped SAM model
     python benchmarks/sam_vs_mind.py --sam-weights SAM.pth    # another SAM checkpoint
     python benchmarks/sam_vs_mind.py --cases 1 --pairs 1      # a quick look
+    python benchmarks/sam_vs_mind.py --figure sam.png         # also draw the three measures
+    python benchmarks/sam_vs_mind.py --replot RESULTS.json --figure sam.png  # tables, figure again
 
 Three measures, each for SAM and for MIND (with the search each uses in the pipeline: SAM over
 the whole image, MIND in a 20 mm window around the initial alignment; MIND over the whole image
@@ -77,7 +79,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="seed of the warps and pairing (0)")
     parser.add_argument("--data", type=Path, help="shared data folder or its openkbp folder")
     parser.add_argument("--output", type=Path, help="results JSON (default: benchmarks/results/)")
+    parser.add_argument("--figure", type=Path, help="also plot the three measures to this PNG")
+    parser.add_argument(
+        "--replot", type=Path, metavar="RESULTS.json", help="print and plot saved results, no run"
+    )
     args = parser.parse_args(argv)
+    if args.replot is not None:
+        return args
     args.sam_weights = args.sam_weights or default_weights()
     if args.sam_weights is None:
         parser.error("no SAM weights ship with this installation: pass --sam-weights")
@@ -260,8 +268,86 @@ def _mean_sd(values: list[float]) -> str:
     return f"{statistics.mean(values):.3f} ± {sd:.3f}"
 
 
+def plot(document: dict, path: Path) -> None:
+    """Three panels: matching-error curves, inter-patient Dice per pair, organ landmarks inside."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (errors, dice, organs) = plt.subplots(1, 3, figsize=(14, 4.2))
+    limits = np.linspace(0.0, 20.0, 201)
+    colours = {"SAM": "#c44e52", "MIND (20 mm window)": "#4c72b0", "MIND (whole image)": "#8c8c8c"}
+    for row, _, _ in SEARCHES:
+        for key, style, label in (("sscc_mm", "-", "SSCC"), ("one_way_mm", ":", "one-way")):
+            values = np.array([e for case in document["cases"] for e in case[row][key]])
+            if len(values):
+                share = (values[None] <= limits[:, None]).mean(axis=1)
+                errors.plot(limits, share, style, color=colours[row], label=f"{row}, {label}")
+    errors.set_xlabel("matching error (mm)")
+    errors.set_ylabel("share of matches with at most this error")
+    errors.set_title(f"Known warps, {len(document['cases'])} validation CT(s)")
+    errors.legend(fontsize=7, loc="lower right")
+    errors.set_ylim(0, 1)
+
+    labels = [f"{p['fixed'][-3:]}←{p['moving'][-3:]}".replace("_", "") for p in document["pairs"]]
+    positions = np.arange(len(labels))
+    for offset, feature, colour in ((-0.2, "sam", "#c44e52"), (0.2, "mind", "#4c72b0")):
+        runs = [p[feature] for p in document["pairs"]]
+        coarse = [r["dice_coarse"] if r["status"] == "done" else 0.0 for r in runs]
+        affine = [r["dice_affine"] if r["status"] == "done" else 0.0 for r in runs]
+        dice.bar(positions + offset, coarse, 0.38, color=colour, label=f"{feature.upper()} +coarse")
+        dice.scatter(positions + offset, affine, color="black", s=10, zorder=3)
+        for x, run in zip(positions + offset, runs):
+            if run["status"] != "done":
+                dice.text(x, 0.01, "refused", rotation=90, ha="center", fontsize=7)
+    dice.scatter([], [], color="black", s=10, label="affine only")
+    dice.set_xticks(positions, labels, fontsize=7)
+    dice.set_ylabel("mean organ Dice")
+    dice.set_title("Inter-patient, validation pairs")
+    dice.legend(fontsize=7)
+
+    shares, counts = [], []
+    for feature in ("sam", "mind"):
+        hits = [
+            h
+            for p in document["pairs"]
+            if p[feature]["status"] == "done"
+            for h in p[feature]["landmark_hits"].values()
+        ]
+        shares.append(100 * np.mean(hits) if hits else 0.0)
+        counts.append(f"{sum(hits)}/{len(hits)}")
+    organs.bar(["SAM", "MIND"], shares, color=["#c44e52", "#4c72b0"])
+    for x, (share, count) in enumerate(zip(shares, counts)):
+        organs.text(x, share + 1, count, ha="center")
+    organs.set_ylabel("% of organ centroids matched inside the same organ")
+    organs.set_title("Organ landmarks")
+    organs.set_ylim(0, 108)
+    figure.suptitle(f"SAM ({Path(document['sam_weights']).name}) against MIND-SSC")
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def report(document: dict, figure: Path | None) -> None:
+    """Print the two tables; plot them too when ``figure`` is given."""
+    settings = document["settings"]
+    print(f"\nMatching error under known smooth warps (max {settings['warp_mm']} mm), ", end="")
+    print(f"{len(document['cases'])} validation CTs:\n")
+    print(matching_table(document["cases"]))
+    print(f"\nInter-patient, {len(document['pairs'])} seeded validation pairs:\n")
+    print(pairs_table(document["pairs"]))
+    if figure is not None:
+        plot(document, figure)
+        print(f"\nfigure: {figure}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.replot is not None:
+        report(json.loads(args.replot.read_text()), args.figure)
+        return 0
     openkbp = find_openkbp(args.data)
     patients = validation_patients(openkbp)
     device = torch.device("cpu")
@@ -286,11 +372,7 @@ def main(argv: list[str] | None = None) -> int:
         document["pairs"].append(entry)
         print(f"pair {i + 1}/{args.pairs} ({fixed} <- {moving}) done", file=sys.stderr)
 
-    print(f"\nMatching error under known smooth warps (max {args.warp_mm:g} mm), ", end="")
-    print(f"{args.cases} validation CTs:\n")
-    print(matching_table(document["cases"]))
-    print(f"\nInter-patient, {args.pairs} seeded validation pairs:\n")
-    print(pairs_table(document["pairs"]))
+    report(document, args.figure)
     output = args.output or RESULTS / f"sam_vs_mind-{datetime.now():%Y%m%d-%H%M%S}.json"
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(document, indent=1))

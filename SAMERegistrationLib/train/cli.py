@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from ..errors import SameRegistrationError
+from ..features.sam_network import load_sam_checkpoint
 from .command import Bars, add_run_arguments, report_interrupted
 from .crops import CropConfig
 from .sam_trainer import SAMTrainConfig, collect_scans, train_sam
@@ -58,8 +59,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--width",
         type=float,
-        default=_DEFAULTS.width,
-        help="backbone width; 1 is the official network, 0.25 a slim CPU one (default %(default)s)",
+        help="backbone width; 1 is the official network, 0.25 a slim CPU one (default: that of "
+        f"--init-weights, else {_DEFAULTS.width:g})",
+    )
+    parser.add_argument(
+        "--init-weights",
+        type=Path,
+        metavar="SAM.pth",
+        help="start from these SAM weights (fine-tuning), e.g. the official SAM.pth or a model "
+        "trained before (default: a freshly initialised network)",
     )
     parser.add_argument("--lr", type=float, default=_DEFAULTS.lr, help="default %(default)s")
     parser.add_argument(
@@ -68,6 +76,23 @@ def build_parser() -> argparse.ArgumentParser:
         default=_DEFAULTS.optimizer,
         help="sgd (momentum 0.9, as in SAM) or adam, which learns faster in short runs "
         "(default %(default)s)",
+    )
+    parser.add_argument(
+        "--lr-schedule",
+        choices=["constant", "cosine"],
+        default=_DEFAULTS.lr_schedule,
+        help="after the warm-up: constant (as in SAM) or a cosine decay to 0 at the last "
+        "iteration (default %(default)s)",
+    )
+    parser.add_argument(
+        "--intensity-jitter",
+        type=float,
+        nargs=2,
+        metavar=("SCALE", "SHIFT_HU"),
+        default=[_DEFAULTS.crops.intensity_scale, _DEFAULTS.crops.intensity_shift_hu],
+        help="per view, multiply HU by a random factor in [1 - SCALE, 1 + SCALE] and add a random "
+        "shift in [-SHIFT_HU, SHIFT_HU], so that contrast differences between scanners do not "
+        "change the embeddings, e.g. 0.1 30 (default 0 0: off, as in SAM)",
     )
     parser.add_argument(
         "--warmup",
@@ -97,18 +122,28 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     bars = Bars() if args.progress == "bars" else None
     try:
+        init = str(args.init_weights) if args.init_weights is not None else None
+        start = load_sam_checkpoint(init) if init is not None else None
+        width = args.width or (start.width if start is not None else _DEFAULTS.width)
         config = SAMTrainConfig(
             iterations=args.iterations,
             batch=args.batch,
-            width=args.width,
+            width=width,
+            embedding_dim=start.embedding_dim if start is not None else _DEFAULTS.embedding_dim,
             lr=args.lr,
             optimizer=args.optimizer,
+            lr_schedule=args.lr_schedule,
+            init_weights=init,
             warmup_iterations=args.warmup,
             seed=args.seed,
             device=args.device,
             checkpoint_every=args.checkpoint_every,
             workers=args.workers,
-            crops=CropConfig(patch=tuple(args.patch)),
+            crops=CropConfig(
+                patch=tuple(args.patch),
+                intensity_scale=args.intensity_jitter[0],
+                intensity_shift_hu=args.intensity_jitter[1],
+            ),
         )
         scans = collect_scans(args.scans, args.exclude_pattern)
         final = train_sam(scans, args.output, config, progress=_train_bar(bars), resume=args.resume)

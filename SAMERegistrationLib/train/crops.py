@@ -46,6 +46,10 @@ class CropConfig:
     min_overlap_voxels: tuple[int, int, int] = (5, 20, 20)  # (z, y, x), in base-spacing voxels
     overlap_margin_voxels: int = 2  # the overlap stays this much below the smaller view
     noise_std: float = 0.001  # Gaussian noise of std U(0, noise_std) on the SAM intensities
+    # Per view, HU * U(1 - a, 1 + a) + U(-b, b): scanners and patients differ in contrast and
+    # calibration, and the same anatomy should embed alike. Off in SAM (0, 0).
+    intensity_scale: float = 0.0  # a
+    intensity_shift_hu: float = 0.0  # b
 
 
 @dataclass(frozen=True)
@@ -200,8 +204,13 @@ def render_view(
     geometry: ViewGeometry,
     rng: np.random.Generator | None = None,
     noise_std: float = 0.0,
+    intensity_scale: float = 0.0,
+    intensity_shift_hu: float = 0.0,
 ) -> View:
-    """Resample the scan onto the view (linear HU, nearest body) and scale it for SAM."""
+    """Resample the scan onto the view (linear HU, nearest body) and scale it for SAM.
+
+    With ``rng``, the HU are jittered as ``CropConfig`` describes before the scaling, and noise is
+    added after it."""
     grid = geometry.grid()
     reference = grid.reference_image()
     hu = sitk.GetArrayFromImage(
@@ -210,6 +219,11 @@ def render_view(
     body = sitk.GetArrayFromImage(
         sitk.Resample(scan.body, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
     ).astype(bool)
+    if rng is not None and (intensity_scale > 0 or intensity_shift_hu > 0):
+        gain = rng.uniform(1.0 - intensity_scale, 1.0 + intensity_scale)
+        hu = hu * np.float32(gain) + np.float32(
+            rng.uniform(-intensity_shift_hu, intensity_shift_hu)
+        )
     image = sam_intensity(hu, body)
     if rng is not None and noise_std > 0:
         image += rng.normal(0.0, rng.uniform(0.0, noise_std), image.shape).astype(np.float32)
@@ -312,6 +326,15 @@ class CropPairDataset(torch.utils.data.Dataset):
         for index in chosen:
             scan = load_scan(self.paths[index], self.cache_dir)
             for geometry in draw_pair_geometry(rng, scan, self.config):
-                views.append(render_view(scan, geometry, rng, self.config.noise_std))
+                views.append(
+                    render_view(
+                        scan,
+                        geometry,
+                        rng,
+                        self.config.noise_std,
+                        self.config.intensity_scale,
+                        self.config.intensity_shift_hu,
+                    )
+                )
             names.append(scan.name)
         return collate_views(views, names)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -28,7 +29,13 @@ import torch
 
 from ..device import resolve_device
 from ..errors import ConfigError, DeviceError, InputError, OutputError
-from ..features.sam_network import GLOBAL_STRIDE, SAMNetwork, save_sam_checkpoint
+from ..features.sam_network import (
+    GLOBAL_STRIDE,
+    SAMNetwork,
+    load_sam_checkpoint,
+    save_sam_checkpoint,
+)
+from ..shipped import file_sha256
 from .checkpoints import (
     check_same_settings,
     checkpoint_path,
@@ -54,6 +61,7 @@ CACHE_DIR = "cache"
 RESUMABLE_CHANGES = ("iterations", "checkpoint_every", "keep_checkpoints", "device", "workers")
 _SHOW = 5  # how many offending files an error message lists
 OPTIMIZERS = ("sgd", "adam")
+LR_SCHEDULES = ("constant", "cosine")
 
 #: ``progress(iterations_done, iterations_total, loss)``, called after every iteration.
 Progress = Callable[[int, int, float], None]
@@ -73,6 +81,10 @@ class SAMTrainConfig:
     momentum: float = 0.9
     weight_decay: float = 1e-4
     warmup_iterations: int = 500  # linear warm-up from lr / warmup_iterations to lr
+    # constant (SAM's) or cosine: after the warm-up, lr decays along a half cosine to 0 at the end.
+    lr_schedule: str = "constant"
+    # A SAM weights file to start from (fine-tuning); None: a freshly initialised network.
+    init_weights: str | None = None
     seed: int = 0
     device: str = "auto"  # auto, cpu, cuda or cuda:N
     mixed_precision: bool = True  # float16 autocast with loss scaling, on CUDA only
@@ -102,6 +114,10 @@ class SAMTrainConfig:
             problems.append(
                 f"optimizer must be one of {', '.join(OPTIMIZERS)} (got {self.optimizer})"
             )
+        if self.lr_schedule not in LR_SCHEDULES:
+            problems.append(
+                f"lr_schedule must be one of {', '.join(LR_SCHEDULES)} (got {self.lr_schedule})"
+            )
         if self.warmup_iterations < 0 or self.momentum < 0 or self.weight_decay < 0:
             problems.append("warmup_iterations, momentum and weight_decay cannot be negative")
         if self.workers is not None and self.workers < 0:
@@ -119,6 +135,11 @@ class SAMTrainConfig:
             problems.append("crops.overlap_probability must lie in [0, 1]")
         if self.crops.base_spacing_mm <= 0 or self.crops.noise_std < 0:
             problems.append("crops.base_spacing_mm must be positive and noise_std not negative")
+        if not 0 <= self.crops.intensity_scale < 1 or self.crops.intensity_shift_hu < 0:
+            problems.append(
+                f"crops.intensity_scale must lie in [0, 1) (got {self.crops.intensity_scale}) and "
+                f"crops.intensity_shift_hu cannot be negative (got {self.crops.intensity_shift_hu})"
+            )
         if self.loss.temperature <= 0:
             problems.append(f"loss.temperature must be positive (got {self.loss.temperature})")
         counts = ("local_queries", "local_hard", "local_diverse", "global_hard", "global_diverse")
@@ -253,7 +274,10 @@ class TrainingState:
 def new_training_state(config: SAMTrainConfig, device: torch.device) -> TrainingState:
     """A freshly initialised network (seeded) with its optimiser and loss scaler."""
     torch.manual_seed(config.seed)
-    model = SAMNetwork(config.width, config.embedding_dim).to(device).train()
+    model = SAMNetwork(config.width, config.embedding_dim)
+    if config.init_weights is not None:
+        model.load_state_dict(_initial_weights(config).state_dict())
+    model = model.to(device).train()
     if config.optimizer == "adam":
         optimizer: torch.optim.Optimizer = torch.optim.Adam(
             model.parameters(), lr=config.lr, weight_decay=config.weight_decay
@@ -268,6 +292,19 @@ def new_training_state(config: SAMTrainConfig, device: torch.device) -> Training
     amp = config.mixed_precision and device.type == "cuda"
     scaler = torch.amp.GradScaler(device.type, enabled=amp)
     return TrainingState(model, optimizer, scaler, device)
+
+
+def _initial_weights(config: SAMTrainConfig) -> SAMNetwork:
+    """The network in ``init_weights``, refused unless it has the run's width and embedding size."""
+    start = load_sam_checkpoint(config.init_weights)
+    if (start.width, start.embedding_dim) != (config.width, config.embedding_dim):
+        raise ConfigError(
+            f"The initial weights {config.init_weights} are a network of width {start.width:g} "
+            f"with {start.embedding_dim}-d embeddings, but this run trains width "
+            f"{config.width:g} with {config.embedding_dim}-d embeddings. Train the weights' own "
+            f"network: --width {start.width:g}, or leave --width out to take it from the weights."
+        )
+    return start
 
 
 def save_training_checkpoint(
@@ -295,7 +332,10 @@ def _check_same_run(
     payload: dict[str, Any], config: SAMTrainConfig, scans: Sequence[Path], path: Path
 ) -> None:
     stored = SAMTrainConfig.from_dict(payload["config"]).to_dict()
-    check_same_settings(stored, config.to_dict(), RESUMABLE_CHANGES, path)
+    resumable = RESUMABLE_CHANGES
+    if config.lr_schedule == "cosine":  # the decay is spread over the planned iterations
+        resumable = tuple(name for name in resumable if name != "iterations")
+    check_same_settings(stored, config.to_dict(), resumable, path)
     if [str(p) for p in scans] != list(payload["scans"]):
         raise ConfigError(
             f"Cannot resume from {path}: the training scans differ from the interrupted run's "
@@ -308,10 +348,15 @@ def _check_same_run(
 
 
 def learning_rate(config: SAMTrainConfig, iteration: int) -> float:
-    """Linear warm-up over ``warmup_iterations``, then constant."""
-    if iteration >= config.warmup_iterations:
+    """Linear warm-up over ``warmup_iterations``, then constant or a cosine decay towards 0."""
+    if iteration < config.warmup_iterations:
+        return config.lr * (iteration + 1) / config.warmup_iterations
+    if config.lr_schedule == "constant":
         return config.lr
-    return config.lr * (iteration + 1) / config.warmup_iterations
+    done = (iteration - config.warmup_iterations) / max(
+        1, config.iterations - config.warmup_iterations
+    )
+    return config.lr * 0.5 * (1.0 + math.cos(math.pi * done))
 
 
 def train_step(state: TrainingState, batch: PairBatch, config: SAMTrainConfig) -> LossTerms:
@@ -403,6 +448,7 @@ def train_sam(
             f"{output_dir} already holds checkpoints of a training run (latest: "
             f"{existing[-1][1].name}). Resume it with --resume, or choose another output folder."
         )
+    state = new_training_state(config, device)  # refuses unusable initial weights
     output_dir.mkdir(parents=True, exist_ok=True)
     log.info("Training SAM on %d scans on %s; outputs in %s", len(paths), device, output_dir)
     if config.batch > len(paths):
@@ -412,7 +458,6 @@ def train_sam(
             config.batch,
             len(paths),
         )
-    state = new_training_state(config, device)
     if existing:
         path = existing[-1][1]
         payload = load_training_checkpoint(path)
@@ -421,9 +466,10 @@ def train_sam(
         log.info("Resuming SAM training from %s (iteration %d)", path, state.iteration)
     elif resume:
         log.warning("No checkpoint in %s: starting a new SAM training run.", output_dir)
-    (output_dir / "train_config.json").write_text(
-        json.dumps({"config": config.to_dict(), "scans": [str(p) for p in paths]}, indent=2)
-    )
+    record: dict[str, Any] = {"config": config.to_dict(), "scans": [str(p) for p in paths]}
+    if config.init_weights is not None:
+        record["init_weights_sha256"] = file_sha256(Path(config.init_weights))
+    (output_dir / "train_config.json").write_text(json.dumps(record, indent=2))
     prepare_log(output_dir / LOG_FILE, LOG_HEADER, state.iteration)
 
     workers = config.workers if config.workers is not None else (4 if device.type == "cuda" else 0)
@@ -444,5 +490,8 @@ def train_sam(
         "patch": list(config.crops.patch),
         "scans": len(paths),
     }
+    if config.init_weights is not None:
+        meta["init_weights"] = Path(config.init_weights).name
+        meta["init_weights_sha256"] = record["init_weights_sha256"]
     save_sam_checkpoint(state.model, final, meta=meta)
     return final
