@@ -11,7 +11,7 @@ from ..errors import SameRegistrationError
 from ..features.sam_network import load_sam_checkpoint
 from .command import Bars, add_run_arguments, report_interrupted
 from .crops import CropConfig
-from .sam_trainer import SAMTrainConfig, collect_scans, train_sam
+from .sam_trainer import LR_SCHEDULES, OPTIMIZERS, SAMTrainConfig, collect_scans, train_sam
 
 _DEFAULTS = SAMTrainConfig()
 
@@ -72,14 +72,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lr", type=float, default=_DEFAULTS.lr, help="default %(default)s")
     parser.add_argument(
         "--optimizer",
-        choices=["sgd", "adam"],
+        choices=OPTIMIZERS,
         default=_DEFAULTS.optimizer,
         help="sgd (momentum 0.9, as in SAM) or adam, which learns faster in short runs "
         "(default %(default)s)",
     )
     parser.add_argument(
         "--lr-schedule",
-        choices=["constant", "cosine"],
+        choices=LR_SCHEDULES,
         default=_DEFAULTS.lr_schedule,
         help="after the warm-up: constant (as in SAM) or a cosine decay to 0 at the last "
         "iteration (default %(default)s)",
@@ -124,7 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         init = str(args.init_weights) if args.init_weights is not None else None
         start = load_sam_checkpoint(init) if init is not None else None
-        width = args.width or (start.width if start is not None else _DEFAULTS.width)
+        width = args.width
+        if width is None:  # an explicit width, even a bad one, is passed on to be checked
+            width = start.width if start is not None else _DEFAULTS.width
         config = SAMTrainConfig(
             iterations=args.iterations,
             batch=args.batch,
