@@ -15,20 +15,25 @@ those of ``run_pairs.py`` (same seed, same pairs). Prints a markdown table and s
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
 from datetime import datetime
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
-for path in (str(REPO), str(HERE)):
-    if path not in sys.path:
-        sys.path.insert(0, path)
-
-from run_pairs import draw_pairs, find_openkbp, validation_patients  # noqa: E402
+from _common import (
+    RESULTS,
+    case_files,
+    draw_pairs,
+    find_openkbp,
+    markdown_table,
+    mean_sd_text,
+    mean_text,
+    parse_overrides,
+    register_case,
+    validation_patients,
+    write_json,
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -72,15 +77,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if not sep or not name or not Path(path).is_file():
             parser.error(f"--deform takes NAME=EXISTING_WEIGHTS_FILE, not '{item}'")
         args.variants[name] = Path(path)
-    args.overrides = {}
-    for item in args.set:
-        key, sep, text = item.partition("=")
-        if not sep:
-            parser.error(f"--set takes KEY=VALUE, not '{item}'")
-        try:
-            args.overrides[key.strip()] = json.loads(text)
-        except json.JSONDecodeError:
-            args.overrides[key.strip()] = text
+    args.overrides = parse_overrides(args.set, parser.error)
     return args
 
 
@@ -109,7 +106,7 @@ def rows_to_run(args: argparse.Namespace) -> list[tuple[str, dict]]:
 def run(args: argparse.Namespace) -> dict:
     import torch
 
-    from SAMERegistrationLib import RegistrationConfig, register
+    from SAMERegistrationLib import RegistrationConfig
     from SAMERegistrationLib.errors import SameRegistrationError
 
     if args.threads:
@@ -126,13 +123,7 @@ def run(args: argparse.Namespace) -> dict:
             entry = {"row": row, "fixed": fixed, "moving": moving}
             started = time.perf_counter()
             try:
-                result = register(
-                    openkbp / f"{fixed}_ct.nii.gz",
-                    openkbp / f"{moving}_ct.nii.gz",
-                    config,
-                    openkbp / f"{fixed}_label.nii.gz",
-                    openkbp / f"{moving}_label.nii.gz",
-                )
+                result = register_case(case_files(openkbp, fixed, moving), config=config)
             except SameRegistrationError as err:
                 entry.update(status="failed", error=str(err))
             else:
@@ -161,24 +152,23 @@ def _short(entry: dict) -> str:
 
 
 def table(document: dict, variants: dict[str, str]) -> str:
-    lines = [
-        "| row | ok/runs | Dice (mean ± sd) | folding % (whole map) | folding % (deform field) "
-        "| time s/pair |",
-        "|---|---|---|---|---|---|",
-    ]
+    head = ["row", "ok/runs", "Dice (mean ± sd)", "folding % (whole map)"]
+    head += ["folding % (deform field)", "time s/pair"]
+    rows = []
     for name, entries, ok in _by_row(document):
-        dice = [e["dice"] for e in ok]
-        spread = f" ± {statistics.stdev(dice):.3f}" if len(dice) > 1 else ""
         deform = [e["deform_folding"] for e in ok if e["deform_folding"] is not None]
-        lines.append(
-            f"| {name} | {len(ok)}/{len(entries)} | "
-            + (f"{statistics.mean(dice):.3f}{spread}" if dice else "–")
-            + f" | {_mean([e['folding'] for e in ok])} | {_mean(deform)} | "
-            + f"{_mean([e['seconds'] for e in ok], 1)} |"
+        rows.append(
+            [
+                name,
+                f"{len(ok)}/{len(entries)}",
+                mean_sd_text(e["dice"] for e in ok),
+                mean_text(e["folding"] for e in ok),
+                mean_text(deform),
+                mean_text((e["seconds"] for e in ok), 1),
+            ]
         )
-    lines.append("")
-    lines += [f"- {name}: {text}" for name, text in variants.items()]
-    return "\n".join(lines)
+    notes = [f"- {name}: {text}" for name, text in variants.items()]
+    return "\n".join([markdown_table(head, rows), "", *notes])
 
 
 def _by_row(document: dict) -> list[tuple[str, list[dict], list[dict]]]:
@@ -189,10 +179,6 @@ def _by_row(document: dict) -> list[tuple[str, list[dict], list[dict]]]:
         entries = [e for e in document["rows"] if e["row"] == name]
         grouped.append((name, entries, [e for e in entries if e["status"] == "ok"]))
     return grouped
-
-
-def _mean(values: list[float], digits: int = 3) -> str:
-    return f"{statistics.mean(values):.{digits}f}" if values else "–"
 
 
 def plot(document: dict, path: Path) -> None:
@@ -211,8 +197,8 @@ def plot(document: dict, path: Path) -> None:
             (
                 statistics.mean(dice) if dice else 0.0,
                 statistics.stdev(dice) if len(dice) > 1 else 0.0,
-                _mean([e["folding"] for e in ok], 2),
-                _mean([e["seconds"] for e in ok], 0),
+                mean_text([e["folding"] for e in ok], 2),
+                mean_text([e["seconds"] for e in ok], 0),
             )
         )
     figure, axes = plt.subplots(figsize=(8, 0.6 * len(names) + 1.2))
@@ -242,11 +228,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.figure:
         plot(document, args.figure)
         print(f"figure {args.figure}", file=sys.stderr)
-    output = (
-        args.output or HERE / "results" / f"ablation_deform-{datetime.now():%Y%m%d-%H%M%S}.json"
-    )
+    output = args.output or RESULTS / f"ablation_deform-{datetime.now():%Y%m%d-%H%M%S}.json"
     output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(document, indent=2))
+    write_json(output, document, indent=2)
     print(f"\nsaved {output}", file=sys.stderr)
     return 0
 

@@ -1,57 +1,53 @@
-"""SAME side by side with elastix, ANTs and SimpleITK on seeded OpenKBP validation pairs.
+"""SAME side by side with ConvexAdam, NiftyReg, elastix, ANTs and SimpleITK on seeded OpenKBP
+validation pairs.
 
-    python benchmarks/peers.py                 # 20 pairs, every method
+    python benchmarks/peers.py                 # the full run: 20 pairs, every method
     python benchmarks/peers.py --pairs 5       # the first 5 pairs of the same pairing
+    python benchmarks/peers.py --methods niftyreg_f3d,convexadam
     python benchmarks/peers.py --quick         # smoke check: 1 pair, the cheap methods, few iterations
 
 Every method is a wrapper ``register_<method>(fixed, moving, quick) -> sitk.Transform`` whose
 transform maps fixed-space points to moving-space points (LPS mm, ITK's resampling direction).
-All methods are scored by the same code: the moving label map resampled (nearest neighbour) onto
-the fixed grid through the transform, Dice per organ present in both images, and the folding % of
-the transform's dense displacement on the fixed grid, inside the fixed body. Each registration runs
-in a fresh child process (this script in worker mode), which reports its wall time and peak RSS.
+Every peer starts from the initialisation its own documentation recommends (named at each
+wrapper). All methods are scored by the same code: the moving label map resampled (nearest
+neighbour) onto the fixed grid through the transform, Dice per organ present in both images, and
+the folding % of the transform's dense displacement on the fixed grid, inside the fixed body.
+Each registration runs in a fresh child process (this script in worker mode), which reports its
+wall time and peak RSS. Each (method, pair) result is kept in ``<output-dir>/peers-cache/``, so
+an interrupted run, started again with the same command, continues where it stopped.
 Results: ``benchmarks/results/peers-<time>.{json,md}`` and two PNG plots. See benchmarks/README.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib.util
 import json
 import math
 import os
-import resource
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from functools import partial
 from pathlib import Path
 
+import _common as common
 import numpy as np
 import SimpleITK as sitk
 
-BENCH = Path(__file__).resolve().parent
-REPO = BENCH.parent
-for _path in (REPO, BENCH):  # the library from this checkout, and run_pairs beside this script
-    if str(_path) not in sys.path:
-        sys.path.insert(0, str(_path))
-
-import run_pairs  # noqa: E402  (its pairing, data lookup and machine description are reused)
-
-RESULTS = REPO / "benchmarks" / "results"
 HU_MIN, HU_MAX = -1024.0, 3071.0
 INSTALL_HINT = "install the benchmark extra: pip install -e '.[bench]'"
 NO_SAM = "no SAM weights"
 NO_DEFORM = (
-    "no SAM-deform weights for these features (none given and the shipped network was trained "
-    "on others; pass --deform-weights to run this row)"
+    "the shipped SAM-deform network was trained on other features; pass --deform-weights "
+    "with weights for these features to run this row"
 )
+CACHE = "peers-cache"
 
 Wrapper = Callable[[sitk.Image, sitk.Image, bool], sitk.Transform]
 
@@ -326,6 +322,128 @@ def register_ants_syn(fixed: sitk.Image, moving: sitk.Image, quick: bool = False
     return _ants(fixed, moving, options)
 
 
+def _niftyreg(tool: str, *args: str) -> None:
+    """Run one NiftyReg binary of the ``niftyreg`` wheel; its output only on failure."""
+    import niftyreg
+
+    done = subprocess.run(
+        [str(niftyreg.bin_path / tool), *args], capture_output=True, text=True, check=False
+    )
+    if done.returncode != 0:
+        raise RuntimeError(
+            f"{tool} failed ({done.returncode}): {(done.stdout + done.stderr)[-800:]}"
+        )
+
+
+def _niftyreg_field(scratch: Path, transformation: Path, fixed: sitk.Image) -> sitk.Transform:
+    """A NiftyReg transformation (affine text or control-point grid) as a field on the fixed grid.
+
+    ``reg_transform -def`` writes, at every fixed voxel, the position it maps to in the floating
+    (moving) image: NiftyReg's own fixed -> moving direction, in NIfTI world (RAS) mm. The scans
+    go in as NIfTI written by SimpleITK, so RAS = diag(-1, -1, 1) LPS on both sides.
+    """
+    import nibabel
+
+    reference, out = scratch / "fixed.nii.gz", scratch / "deformation.nii.gz"
+    _niftyreg("reg_transform", "-ref", str(reference), "-def", str(transformation), str(out))
+    position_ras = np.asarray(nibabel.load(str(out)).dataobj, dtype=np.float64)
+    position_lps = position_ras.reshape(*fixed.GetSize(), 3) * np.array([-1.0, -1.0, 1.0])
+    return displacement_transform(position_lps.transpose(2, 1, 0, 3) - voxel_points(fixed), fixed)
+
+
+def voxel_points(image: sitk.Image) -> np.ndarray:
+    """The LPS position of every voxel of ``image``: (z, y, x, 3)."""
+    index = np.stack(np.meshgrid(*(np.arange(n) for n in image.GetSize()), indexing="ij"), -1)
+    direction = np.array(image.GetDirection()).reshape(3, 3)
+    points = (index * np.array(image.GetSpacing())) @ direction.T + np.array(image.GetOrigin())
+    return points.transpose(2, 1, 0, 3)  # (x, y, z, 3) -> (z, y, x, 3)
+
+
+def _niftyreg_run(fixed: sitk.Image, moving: sitk.Image, deformable: bool, quick: bool):
+    """reg_aladin (affine), then optionally reg_f3d started from that affine.
+
+    Initialisation as NiftyReg's reg_aladin usage text offers it: ``-comi``, "use the input
+    images centre of mass to initialise the transformation" (the default, the image centres, is
+    wrong for scans of different fields of view). reg_f3d starts from aladin's affine through
+    ``-aff``, as its usage text and the NiftyReg documentation's affine-then-f3d pipeline do.
+    """
+    with tempfile.TemporaryDirectory(prefix="peers-niftyreg-") as name:
+        scratch = Path(name)
+        ref, flo = scratch / "fixed.nii.gz", scratch / "moving.nii.gz"
+        sitk.WriteImage(peer_intensity(fixed), str(ref))
+        sitk.WriteImage(peer_intensity(moving), str(flo))
+        images = ["-ref", str(ref), "-flo", str(flo)]
+        affine = scratch / "affine.txt"
+        levels = ["-lp", "2"] if quick else []  # quick: stop one level short of full resolution
+        resampled = ["-res", str(scratch / "aladin.nii.gz")]  # else written to the working folder
+        _niftyreg("reg_aladin", *images, "-aff", str(affine), "-comi", *levels, *resampled)
+        if not deformable:
+            return _niftyreg_field(scratch, affine, fixed)
+        grid = scratch / "cpp.nii.gz"
+        iterations = ["-maxit", "30", "-lp", "2"] if quick else []
+        result = ["-res", str(scratch / "f3d.nii.gz")]
+        _niftyreg("reg_f3d", *images, "-aff", str(affine), "-cpp", str(grid), *iterations, *result)
+        return _niftyreg_field(scratch, grid, fixed)
+
+
+def register_niftyreg_aladin(
+    fixed: sitk.Image, moving: sitk.Image, quick: bool = False
+) -> sitk.Transform:
+    """NiftyReg reg_aladin affine (block matching, symmetric), from the centres of mass."""
+    return _niftyreg_run(fixed, moving, False, quick)
+
+
+def register_niftyreg_f3d(
+    fixed: sitk.Image, moving: sitk.Image, quick: bool = False
+) -> sitk.Transform:
+    """NiftyReg reg_aladin affine then reg_f3d B-spline (NMI, bending energy), default options."""
+    return _niftyreg_run(fixed, moving, True, quick)
+
+
+CONVEXADAM_SPACING_MM = 2.0  # about the spacing of the Learn2Reg CT tasks it is tuned on
+
+
+def register_convexadam(
+    fixed: sitk.Image, moving: sitk.Image, quick: bool = False
+) -> sitk.Transform:
+    """ConvexAdam (MIND-SSC features, convex coupling then Adam), default hyper-parameters.
+
+    ConvexAdam registers two images on one grid (the package resamples the moving scan onto the
+    fixed one, ``convex_adam_utils.resample_moving_to_fixed``) that are already roughly aligned:
+    the Learn2Reg CT data its defaults come from are affinely pre-registered (README: "ranks
+    first for the Learn2Reg Challenge datasets"). So the moving scan is pre-aligned by the
+    SimpleITK affine above (centre-of-mass start) and resampled with it onto a 2 mm grid over the
+    fixed scan; the map is that affine after ConvexAdam's field.
+    """
+    import torch
+    from convexAdam.convex_adam_MIND import convex_adam_pt
+
+    pre = register_sitk_affine(fixed, moving, quick)
+    spacing = (CONVEXADAM_SPACING_MM,) * 3
+    size = [
+        round(n * s / CONVEXADAM_SPACING_MM) for n, s in zip(fixed.GetSize(), fixed.GetSpacing())
+    ]
+    grid = sitk.Image(size, sitk.sitkFloat32)
+    grid.SetSpacing(spacing)
+    grid.SetOrigin(fixed.GetOrigin())
+    grid.SetDirection(fixed.GetDirection())
+    f = sitk.Resample(peer_intensity(fixed), grid, sitk.Transform(), sitk.sitkLinear, 0.0)
+    m = sitk.Resample(peer_intensity(moving), grid, pre, sitk.sitkLinear, 0.0)
+    voxels = convex_adam_pt(
+        sitk.GetArrayFromImage(f),
+        sitk.GetArrayFromImage(m),
+        selected_niter=20 if quick else 80,
+        dtype=torch.float32,
+        device=torch.device("cpu"),
+    )  # (z, y, x, 3): fixed -> moving, in voxels along the array's axes
+    direction = np.array(fixed.GetDirection()).reshape(3, 3)
+    field_mm = (voxels[..., ::-1] * CONVEXADAM_SPACING_MM) @ direction.T
+    composite = sitk.CompositeTransform(3)
+    composite.AddTransform(pre)  # applied last: p -> pre(p + u(p))
+    composite.AddTransform(displacement_transform(field_mm, grid))
+    return composite
+
+
 # --------------------------------------------------------------------------------------------
 # SAME through the library
 # --------------------------------------------------------------------------------------------
@@ -354,12 +472,10 @@ def register_same(
     deform_weights: str | None = None,
 ) -> sitk.Transform:
     """SAME up to ``stage``; the whole map (affine and field) as one SimpleITK transform."""
-    from SAMERegistrationLib import register
-
     overrides = {"features": features, "seed": 0, **SAME_STAGES[stage]}
     if stage in ("deform", "instance") and deform_weights:
         overrides["deform__weights"] = deform_weights
-    return register(fixed, moving, **overrides).transform()
+    return common.register_case({"fixed": fixed, "moving": moving}, **overrides).transform()
 
 
 # --------------------------------------------------------------------------------------------
@@ -395,6 +511,18 @@ def _methods() -> dict[str, Method]:
         ),  # fmt: skip
         Method("ants_affine", "ANTs affine", register_ants_affine, "ants", "antspyx", True),
         Method("ants_syn", "ANTs SyN (SyNQuick)", register_ants_syn, "ants", "antspyx"),
+        Method(
+            "niftyreg_aladin",
+            "NiftyReg aladin affine",
+            register_niftyreg_aladin,
+            "niftyreg",
+            "niftyreg",
+            True,
+        ),
+        Method(
+            "niftyreg_f3d", "NiftyReg aladin+f3d", register_niftyreg_f3d, "niftyreg", "niftyreg"
+        ),
+        Method("convexadam", "ConvexAdam (MIND)", register_convexadam, "convexAdam", "convexadam"),
     ]
     for feature in ("mind", "sam"):
         for stage in SAME_STAGES:
@@ -453,96 +581,50 @@ def skip_reason(method: Method, deform_weights: str | None) -> str | None:
 
 
 def run_worker(job_path: str, out_path: str) -> int:
-    job = json.loads(Path(job_path).read_text())
-    out: dict = {"status": "failed"}
+    return common.run_as_worker(job_path, out_path, _work)
+
+
+def _work(job: dict, out: dict) -> None:
+    """One method on one pair: time, peak RSS and scores into ``out``."""
+    import torch  # every child loads the library's stack, so baselines of RSS match
+
+    from SAMERegistrationLib import spatial  # noqa: F401
+
     method = METHODS[job["method"]]
-    try:
-        import torch  # every child loads the library's stack, so baselines of RSS match
-
-        from SAMERegistrationLib import spatial  # noqa: F401
-
-        if job.get("threads"):
-            torch.set_num_threads(int(job["threads"]))
-        fixed, moving = sitk.ReadImage(job["fixed"]), sitk.ReadImage(job["moving"])
-        wrapper = method.wrapper
-        if method.stage and job.get("deform_weights"):
-            wrapper = partial(wrapper, deform_weights=job["deform_weights"])
-        clock = time.perf_counter()
-        try:
-            transform = wrapper(fixed, moving, bool(job.get("quick")))
-        except ImportError as err:
-            if method.package is None:
-                raise
-            out.update(
-                status="skipped",
-                reason=f"{method.pip_name} cannot be imported ({err}); {INSTALL_HINT}",
-            )
-            return 0
-        out["seconds"] = round(time.perf_counter() - clock, 3)
-        out["maxrss_kb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        labels = sitk.ReadImage(job["fixed_labels"]), sitk.ReadImage(job["moving_labels"])
-        out.update(score(transform, fixed, *labels))
-        out["status"] = "ok"
-    except Exception as err:  # a failure is a failed row, never a crash of the benchmark
-        out.update(error=f"{type(err).__name__}: {err}", traceback=traceback.format_exc()[-3000:])
-    finally:
-        out.setdefault("maxrss_kb", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
-        Path(out_path).write_text(json.dumps(out, default=run_pairs._jsonable))
-    return 0
-
-
-def run_child(job: dict, scratch: Path, timeout: float) -> dict:
-    """Run one job in a fresh Python process; its report, with the process's wall time."""
-    job_path, out_path, log_path = (scratch / n for n in ("job.json", "out.json", "child.log"))
-    out_path.unlink(missing_ok=True)
-    job_path.write_text(json.dumps(job))
-    env = dict(os.environ)
-    if job.get("threads"):  # ITK (SimpleITK, elastix, ANTs) and OpenMP read these at start
-        for name in ("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-            env[name] = str(job["threads"])
-    command = [
-        sys.executable,
-        str(Path(__file__).resolve()),
-        "--worker",
-        str(job_path),
-        str(out_path),
-    ]
+    if job.get("threads"):
+        torch.set_num_threads(int(job["threads"]))
+    case = job["case"]
+    fixed, moving = sitk.ReadImage(case["fixed"]), sitk.ReadImage(case["moving"])
+    wrapper = method.wrapper
+    if method.stage and job.get("deform_weights"):
+        wrapper = partial(wrapper, deform_weights=job["deform_weights"])
     clock = time.perf_counter()
-    with open(log_path, "w") as log:
-        try:
-            code = subprocess.run(
-                command, stdout=log, stderr=subprocess.STDOUT, env=env, timeout=timeout
-            ).returncode
-        except subprocess.TimeoutExpired:
-            code = None
-    if out_path.is_file():
-        report = json.loads(out_path.read_text())
-    else:
-        why = f"timed out after {timeout:g} s" if code is None else f"exit status {code}"
-        if code is not None and code < 0:
-            why += " (killed by a signal; out of memory?)"
-        report = {
-            "status": "failed",
-            "error": why,
-            "log": log_path.read_text(encoding="utf-8", errors="replace")[-2000:],
-        }
-    report["process_seconds"] = round(time.perf_counter() - clock, 3)
-    return report
+    try:
+        transform = wrapper(fixed, moving, bool(job.get("quick")))
+    except ImportError as err:
+        if method.package is None:
+            raise
+        out.update(
+            status="skipped", reason=f"{method.pip_name} cannot be imported ({err}); {INSTALL_HINT}"
+        )
+        return
+    out["seconds"] = round(time.perf_counter() - clock, 3)
+    out["maxrss_kb"] = common.peak_rss_kb()
+    labels = sitk.ReadImage(case["fixed_labels"]), sitk.ReadImage(case["moving_labels"])
+    out.update(score(transform, fixed, *labels))
+
+
+def child_env(threads: int | None) -> dict[str, str]:
+    """ITK (SimpleITK, elastix, ANTs), NiftyReg's OpenMP and torch read these at start."""
+    if not threads:
+        return {}
+    names = ("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+    return {name: str(threads) for name in names}
 
 
 # --------------------------------------------------------------------------------------------
 # Summaries, table and plots
 # --------------------------------------------------------------------------------------------
-
-
-def _stats(values: list[float]) -> tuple[float | None, float | None]:
-    clean = [v for v in values if v is not None and not math.isnan(v)]
-    mean = statistics.fmean(clean) if clean else None
-    return mean, statistics.stdev(clean) if len(clean) > 1 else None
-
-
-def _fmt(value: float | None, digits: int) -> str:
-    return "—" if value is None else f"{value:.{digits}f}"
 
 
 def summarise(rows: list[dict], methods: list[str], organs: dict[str, str]) -> list[dict]:
@@ -551,7 +633,7 @@ def summarise(rows: list[dict], methods: list[str], organs: dict[str, str]) -> l
     for name in methods:
         mine = [r for r in rows if r["method"] == name]
         ok = [r for r in mine if r["status"] == "ok"]
-        dice_mean, dice_sd = _stats([r["mean_dice"] for r in ok])
+        dice = [r["mean_dice"] for r in ok]
         folding = [r["folding_percent"] for r in ok]
         seconds = [r["seconds"] for r in ok]
         reasons = sorted({r["reason"] for r in mine if r["status"] == "skipped"})
@@ -566,15 +648,16 @@ def summarise(rows: list[dict], methods: list[str], organs: dict[str, str]) -> l
                 "runs": len(mine),
                 "ok": len(ok),
                 "skipped": len(mine) - len(ok) - len(failed),
-                "dice_mean": dice_mean,
-                "dice_sd": dice_sd,
+                "cached": sum(1 for r in mine if r.get("cached")),
+                "dice_mean": common.mean_or_none(dice),
+                "dice_sd": common.sd_or_none(dice),
                 "organ_dice_mean": {
-                    k: _stats([r["dice"].get(k) for r in ok if k in r["dice"]])[0] for k in organs
+                    k: common.mean_or_none(r["dice"].get(k) for r in ok) for k in organs
                 },
-                "folding_percent_mean": _stats(folding)[0],
+                "folding_percent_mean": common.mean_or_none(folding),
                 "folding_percent_max": max(folding, default=None),
-                "seconds_mean": _stats(seconds)[0],
-                "seconds_median": statistics.median(seconds) if seconds else None,
+                "seconds_mean": common.mean_or_none(seconds),
+                "seconds_median": common.median_or_none(seconds),
                 "peak_rss_gb_max": max((r["peak_rss_gb"] for r in ok), default=None),
                 "note": "; ".join(notes),
             }
@@ -585,16 +668,17 @@ def summarise(rows: list[dict], methods: list[str], organs: dict[str, str]) -> l
 def results_table(summaries: list[dict], organs: dict[str, str]) -> str:
     head = ["method", "ok/runs", "Dice (mean ± sd)", *organs.values()]
     head += ["folding % mean (max)", "time s mean (median)", "peak RSS GB", "note"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    rows = []
     for s in summaries:
-        dice = _fmt(s["dice_mean"], 3) + (f" ± {s['dice_sd']:.3f}" if s["dice_sd"] else "")
+        dice = common.fmt(s["dice_mean"], 3) + (f" ± {s['dice_sd']:.3f}" if s["dice_sd"] else "")
         cells = [s["label"], f"{s['ok']}/{s['runs']}", dice]
-        cells += [_fmt(s["organ_dice_mean"][k], 3) for k in organs]
-        cells.append(f"{_fmt(s['folding_percent_mean'], 3)} ({_fmt(s['folding_percent_max'], 3)})")
-        cells.append(f"{_fmt(s['seconds_mean'], 1)} ({_fmt(s['seconds_median'], 1)})")
-        cells += [_fmt(s["peak_rss_gb_max"], 2), s["note"]]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        cells += [common.fmt(s["organ_dice_mean"][k], 3) for k in organs]
+        cells.append(
+            f"{common.fmt(s['folding_percent_mean'], 3)} ({common.fmt(s['folding_percent_max'], 3)})"
+        )
+        cells.append(f"{common.fmt(s['seconds_mean'], 1)} ({common.fmt(s['seconds_median'], 1)})")
+        rows.append([*cells, common.fmt(s["peak_rss_gb_max"], 2), s["note"]])
+    return common.markdown_table(head, rows)
 
 
 def plot(rows: list[dict], methods: list[str], organs: dict[str, str], prefix: Path) -> list[Path]:
@@ -676,9 +760,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, help="threads for every method (default: their own)")
     parser.add_argument("--deform-weights", help="SAM-deform weights for the SAME +deform rows")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per run (3600)")
-    parser.add_argument("--output-dir", type=Path, default=RESULTS, help="benchmarks/results/")
+    parser.add_argument(
+        "--output-dir", type=Path, default=common.RESULTS, help="benchmarks/results/"
+    )
     parser.add_argument(
         "--quick", action="store_true", help="smoke check: 1 pair, cheap methods, few iterations"
+    )
+    parser.add_argument(
+        "--fresh",
+        action="store_true",
+        help=f"run every (method, pair) again instead of reusing <output-dir>/{CACHE}/",
     )
     parser.add_argument("--worker", nargs=2, metavar=("JOB", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -700,8 +791,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.worker:
         return run_worker(*args.worker)
-    openkbp = run_pairs.find_openkbp(args.data)
-    pairs = run_pairs.draw_pairs(run_pairs.validation_patients(openkbp), args.pairs, args.seed)
+    openkbp = common.find_openkbp(args.data)
+    pairs = common.draw_pairs(common.validation_patients(openkbp), args.pairs, args.seed)
     organs = organ_names(openkbp)
     args.output_dir.mkdir(parents=True, exist_ok=True)
     prefix = args.output_dir / f"peers-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
@@ -715,12 +806,9 @@ def main(argv: list[str] | None = None) -> int:
         "data": str(openkbp),
         "pairing": [{"pair": i, "fixed": f, "moving": m} for i, (f, m) in enumerate(pairs, 1)],
         "organs": organs,
-        "machine": run_pairs.machine_info(),
+        "machine": common.machine_info(),
         "rows": rows,
     }
-    save = lambda: prefix.with_suffix(".json").write_text(  # noqa: E731
-        json.dumps(document, indent=1, default=run_pairs._jsonable)
-    )
     print(f"Pairs (seed {args.seed}, fixed <- moving): {[f'{f} <- {m}' for f, m in pairs]}")
     for name, why in skips.items():
         if why:
@@ -731,7 +819,7 @@ def main(argv: list[str] | None = None) -> int:
                 row = run_one(name, index, fixed, moving, openkbp, args, skips[name], Path(scratch))
                 rows.append(row)
                 print(progress_line(row, len(pairs)), flush=True)
-                save()
+                common.write_json(prefix.with_suffix(".json"), document)
     summaries = summarise(rows, args.methods, organs)
     table = results_table(summaries, organs)
     pngs = plot(rows, args.methods, organs, prefix)
@@ -742,10 +830,12 @@ def main(argv: list[str] | None = None) -> int:
         finished=datetime.now().isoformat(timespec="seconds"),
     )
     document["machine"]["load_average_at_end"] = list(os.getloadavg())
-    save()
+    common.write_json(prefix.with_suffix(".json"), document)
+    cached = sum(1 for r in rows if r.get("cached"))
     header = (
         f"{len(pairs)} OpenKBP validation pairs (seed {args.seed}); "
-        f"{run_pairs.machine_line(document['machine'], 'cpu', [])}; threads: {args.threads or 'default'}"
+        f"{common.machine_line(document['machine'], 'cpu', [])}; threads: {args.threads or 'default'}"
+        + (f"; {cached} of {len(rows)} rows from {args.output_dir / CACHE}" if cached else "")
     )
     prefix.with_suffix(".md").write_text(f"{header}\n\n{table}\n", encoding="utf-8")
     print(f"\n{header}\n\n{table}\n")
@@ -753,6 +843,20 @@ def main(argv: list[str] | None = None) -> int:
         f"Saved {prefix.with_suffix('.json')}, {prefix.with_suffix('.md')}, {', '.join(map(str, pngs))}"
     )
     return 0
+
+
+def cache_file(folder: Path, job: dict) -> Path:
+    """Where one (method, pair) result is kept, named by what decides it.
+
+    The key holds the inputs and options of the run, and for SAME rows the library's source, so
+    a changed library or option runs again instead of reusing an old figure.
+    """
+    key = {k: job[k] for k in ("method", "case", "quick", "threads", "deform_weights")}
+    if METHODS[job["method"]].stage:
+        key["library"] = common.library_hash()
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+    pair = f"{job['fixed_name']}--{job['moving_name']}"
+    return folder / CACHE / job["method"] / f"{pair}--{digest}.json"
 
 
 def run_one(
@@ -765,24 +869,32 @@ def run_one(
     skip: str | None,
     scratch: Path,
 ) -> dict:
+    """One method on one pair: from the cache when it holds the run, else in a child process."""
     row = {"method": name, "pair": index, "fixed": fixed, "moving": moving}
     if skip:
         return {**row, "status": "skipped", "reason": skip}
     job = {
         "method": name,
-        "fixed": str(openkbp / f"{fixed}_ct.nii.gz"),
-        "moving": str(openkbp / f"{moving}_ct.nii.gz"),
-        "fixed_labels": str(openkbp / f"{fixed}_label.nii.gz"),
-        "moving_labels": str(openkbp / f"{moving}_label.nii.gz"),
+        "case": common.case_files(openkbp, fixed, moving),
+        "fixed_name": fixed,
+        "moving_name": moving,
         "quick": args.quick,
         "threads": args.threads,
         "deform_weights": args.deform_weights,
     }
-    report = run_child(job, scratch, args.timeout)
+    kept = cache_file(args.output_dir, job)
+    if kept.is_file() and not args.fresh:
+        return {**row, **json.loads(kept.read_text()), "cached": str(kept)}
+    script = Path(__file__).resolve()
+    report, wall = common.run_child(script, job, scratch, args.timeout, child_env(args.threads))
+    report["process_seconds"] = wall
     report["peak_rss_gb"] = (
         round(report.pop("maxrss_kb", 0) / 2**20, 3) if "maxrss_kb" in report else None
     )
     report["load_average_after"] = list(os.getloadavg())
+    if report["status"] == "ok":  # failures and skips are tried again on the next run
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        common.write_json(kept, report)
     return {**row, **report}
 
 

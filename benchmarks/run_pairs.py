@@ -15,29 +15,43 @@ See benchmarks/README.md.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import os
-import platform
-import random
-import re
-import resource
 import shutil
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import traceback
 from datetime import datetime
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-RESULTS = REPO / "benchmarks" / "results"
-if str(REPO) not in sys.path:  # the library from this checkout, installed or not
-    sys.path.insert(0, str(REPO))
+from _common import (
+    BENCH,
+    REPO,
+    RESULTS,
+    case_files,
+    draw_pairs,
+    find_openkbp,
+    fmt,
+    library_hash,
+    machine_info,
+    machine_line,
+    mean_or_none,
+    mean_text,
+    median_or_none,
+    numbers,
+    parse_overrides,
+    peak_rss_kb,
+    register_case,
+    run_as_worker,
+    sd_or_none,
+    validation_patients,
+    write_json,
+)
+from _common import run_child as run_child_process
+
 UNTRAINED_NOTE = "untrained weights: timing and memory only, Dice meaningless"
 DERIVED_NOTE = "derived from the full run (no separate run)"
 
@@ -146,24 +160,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--features takes mind and/or sam, not {','.join(unknown) or 'nothing'}")
     if args.pairs < 1:
         parser.error("--pairs must be at least 1")
-    args.overrides = {}
-    for item in args.set:
-        key, sep, text = item.partition("=")
-        if not sep or not key.strip():
-            parser.error(f"--set takes KEY=VALUE, not '{item}'")
-        try:
-            value = json.loads(text)
-        except json.JSONDecodeError:
-            value = text
-        args.overrides[key.strip().replace("__", ".")] = value
-    if args.overrides:
-        from SAMERegistrationLib import RegistrationConfig
-        from SAMERegistrationLib.errors import ConfigError
-
-        try:  # refuse a typo now rather than in every run
-            RegistrationConfig().with_overrides(args.overrides)
-        except ConfigError as err:
-            parser.error(f"--set: {err}")
+    args.overrides = parse_overrides(args.set, parser.error)
     return args
 
 
@@ -173,11 +170,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def run_worker(job_path: str, out_path: str) -> int:
-    """Register one pair as ``job`` says and write what happened to ``out_path`` as JSON."""
+    """Register one pair as the job says and write what happened to ``out_path`` as JSON."""
     started = time.perf_counter()
-    job = json.loads(Path(job_path).read_text())
-    out: dict = {"status": "failed"}
-    try:
+
+    def work(job: dict, out: dict) -> None:
         import logging
 
         import torch
@@ -188,7 +184,7 @@ def run_worker(job_path: str, out_path: str) -> int:
         )
         if job.get("threads"):
             torch.set_num_threads(int(job["threads"]))
-        from SAMERegistrationLib import register
+        import SAMERegistrationLib  # noqa: F401  (imports are timed apart from the run)
 
         out["library_hash"] = library_hash()
         out["import_seconds"] = round(time.perf_counter() - started, 3)
@@ -199,41 +195,20 @@ def run_worker(job_path: str, out_path: str) -> int:
             if done == total and job.get("verbose"):
                 print(f"    {stage} done at {time.perf_counter() - clock:.1f} s", file=sys.stderr)
 
-        result = register(
-            job["fixed"],
-            job["moving"],
-            fixed_labels=job["fixed_labels"],
-            moving_labels=job["moving_labels"],
-            progress=progress,
-            **job["overrides"],
-        )
+        result = register_case(job["case"], progress=progress, **job["overrides"])
         out["register_seconds"] = round(time.perf_counter() - clock, 3)
-        out["maxrss_kb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        out["maxrss_kb"] = peak_rss_kb()
         out["stages"] = result.stages
         out["metrics"] = result.metrics
         out["device"] = result.device
         out["features"] = result.features
         out["affine"] = result.affine.tolist()
         out["config"] = result.config.to_dict()
-        out["affine_stage"] = affine_metrics(result, job["fixed_labels"], job["moving_labels"])
-        out["status"] = "ok"
-    except Exception as err:  # every failure becomes a failed row, never a crash
-        out["error_type"] = type(err).__name__
-        out["error"] = str(err)
-        out["traceback"] = traceback.format_exc()[-4000:]
-    finally:
-        out.setdefault("maxrss_kb", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+        labels = job["case"]["fixed_labels"], job["case"]["moving_labels"]
+        out["affine_stage"] = affine_metrics(result, *labels)
         out["process_seconds"] = round(time.perf_counter() - started, 3)
-        Path(out_path).write_text(json.dumps(out, default=_jsonable))
-    return 0
 
-
-def library_hash(root: Path = REPO) -> str:
-    """A short hash of the library's Python sources, to tell whether runs used the same code."""
-    digest = hashlib.sha256()
-    for path in sorted((root / "SAMERegistrationLib").rglob("*.py")):
-        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
-    return digest.hexdigest()[:12]
+    return run_as_worker(job_path, out_path, work)
 
 
 def affine_metrics(result, fixed_labels: str, moving_labels: str) -> dict:
@@ -264,106 +239,6 @@ def affine_metrics(result, fixed_labels: str, moving_labels: str) -> dict:
         # An affine folds everywhere or nowhere: where its determinant is not positive.
         "folding_percent": 100.0 if det <= 0 else 0.0,
         "determinant": det,
-    }
-
-
-def _jsonable(value):
-    if hasattr(value, "tolist"):  # numpy arrays and scalars, torch tensors
-        return value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    return repr(value)
-
-
-# --------------------------------------------------------------------------------------------
-# Data, pairing, machine
-# --------------------------------------------------------------------------------------------
-
-
-def find_openkbp(option: Path | None) -> Path:
-    base = option or Path(os.environ.get("SAME_SHARED_DATA") or REPO.parent / "shared" / "data")
-    for candidate in (base / "openkbp", base):
-        if any(candidate.glob("validation_pt_*_ct.nii.gz")):
-            return candidate.resolve()
-    sys.exit(
-        f"error: no OpenKBP validation scans under {base} (looked for openkbp/validation_pt_*). "
-        "Pass --data or set SAME_SHARED_DATA to the shared data folder."
-    )
-
-
-def validation_patients(openkbp: Path) -> list[str]:
-    """Validation patients with both a CT and a label map, in numeric order."""
-    names = []
-    for ct in openkbp.glob("validation_pt_*_ct.nii.gz"):
-        name = ct.name[: -len("_ct.nii.gz")]
-        if (openkbp / f"{name}_label.nii.gz").is_file():
-            names.append(name)
-    return sorted(names, key=lambda n: int(re.findall(r"\d+", n)[-1]))
-
-
-def draw_pairs(patients: list[str], count: int, seed: int) -> list[tuple[str, str]]:
-    """``count`` distinct (fixed, moving) pairs, no self-pairs, drawn with ``seed``.
-
-    All ordered pairs are shuffled once and the first ``count`` taken, so a smaller ``--pairs`` is
-    a prefix of a larger one with the same seed.
-    """
-    ordered = [(f, m) for f in patients for m in patients if f != m]
-    if count > len(ordered):
-        sys.exit(f"error: --pairs {count} exceeds the {len(ordered)} ordered pairs available")
-    random.Random(seed).shuffle(ordered)
-    return ordered[:count]
-
-
-def machine_info() -> dict:
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    memory_gb = None
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-        found = re.search(r"^model name\s*:\s*(.+)$", text, re.M)
-        cpu = found.group(1).strip() if found else cpu
-        meminfo = Path("/proc/meminfo").read_text()
-        found = re.search(r"^MemTotal:\s*(\d+) kB", meminfo, re.M)
-        memory_gb = round(int(found.group(1)) / 2**20, 1) if found else None
-    except OSError:
-        pass
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:
-        usable = os.cpu_count()
-    cuda = torch.cuda.is_available()
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "usable_cores": usable,
-        "memory_gb": memory_gb,
-        "torch": torch.__version__,
-        "torch_threads_parent": torch.get_num_threads(),
-        "cuda_available": cuda,
-        "gpu": torch.cuda.get_device_name(0) if cuda else None,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "hostname": platform.node(),
-        "load_average_at_start": list(os.getloadavg()),
-        "git": git_info(),
-    }
-
-
-def git_info() -> dict:
-    def git(*args: str) -> str | None:
-        try:
-            done = subprocess.run(
-                ["git", *args], cwd=REPO, capture_output=True, text=True, timeout=20
-            )
-        except (OSError, subprocess.TimeoutExpired):
-            return None
-        return done.stdout.strip() if done.returncode == 0 else None
-
-    changed = git("status", "--porcelain", "--", "SAMERegistrationLib")
-    return {
-        "commit": git("rev-parse", "HEAD"),
-        "library_modified": None if changed is None else bool(changed),
     }
 
 
@@ -407,43 +282,18 @@ def snapshot_code(scratch: Path) -> Path:
     if (library / "models").is_dir():
         (root / library.name / "models").symlink_to(library / "models", target_is_directory=True)
     (root / "benchmarks").mkdir()
-    shutil.copy2(Path(__file__).resolve(), root / "benchmarks" / "run_pairs.py")
+    for script in (Path(__file__).resolve(), BENCH / "_common.py"):
+        shutil.copy2(script, root / "benchmarks" / script.name)
     return root
 
 
 def run_child(job: dict, scratch: Path, code: Path, timeout: float, verbose: bool) -> dict:
-    """Run one registration in a fresh Python process and return the worker's report."""
-    job_path = scratch / "job.json"
-    out_path = scratch / "out.json"
-    log_path = scratch / "child.log"
-    out_path.unlink(missing_ok=True)
-    job_path.write_text(json.dumps(job))
+    """Run one registration in a fresh Python process on the snapshot ``code``; its report."""
+    pythonpath = os.pathsep.join(filter(None, [str(code), os.environ.get("PYTHONPATH", "")]))
     script = code / "benchmarks" / "run_pairs.py"
-    command = [sys.executable, str(script), "--worker", str(job_path), str(out_path)]
-    pythonpath = [str(code), os.environ.get("PYTHONPATH", "")]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, pythonpath))}
-    clock = time.perf_counter()
-    with open(log_path, "w") as log:
-        try:
-            done = subprocess.run(
-                command,
-                stdout=None if verbose else log,
-                stderr=None if verbose else subprocess.STDOUT,
-                env=env,
-                timeout=timeout,
-            )
-            code = done.returncode
-        except subprocess.TimeoutExpired:
-            code = None
-    wall = round(time.perf_counter() - clock, 3)
-    if out_path.is_file():
-        report = json.loads(out_path.read_text())
-    else:
-        tail = log_path.read_text()[-2000:] if log_path.is_file() else ""
-        why = f"timed out after {timeout:g} s" if code is None else f"exit status {code}"
-        if code is not None and code < 0:
-            why += " (killed by a signal; out of memory?)"
-        report = {"status": "failed", "error_type": "ChildProcess", "error": why, "log": tail}
+    report, wall = run_child_process(
+        script, job, scratch, timeout, {"PYTHONPATH": pythonpath}, verbose
+    )
     report["child_wall_seconds"] = wall
     return report
 
@@ -465,7 +315,7 @@ def make_rows(feature: str, weights: dict, index: int, pair, variant: str, repor
     }
     row = {**base, "stage": variant, "source": "run", "status": report["status"]}
     if report["status"] != "ok":
-        row["error"] = f"{report.get('error_type')}: {report.get('error')}"
+        row["error"] = report.get("error")
         row["detail"] = report.get("traceback") or report.get("log")
         row["peak_rss_gb"] = _gb(report.get("maxrss_kb"))
         if variant != "full":
@@ -519,19 +369,6 @@ def _gb(kb) -> float | None:
 # --------------------------------------------------------------------------------------------
 
 
-def _values(rows: list[dict], key: str) -> list[float]:
-    out = []
-    for row in rows:
-        value = row.get(key)
-        if isinstance(value, int | float) and not math.isnan(value):
-            out.append(float(value))
-    return out
-
-
-def _mean(values: list[float], digits: int = 3) -> str:
-    return f"{statistics.fmean(values):.{digits}f}" if values else "—"
-
-
 def summary_rows(rows: list[dict], features: list[str], breakdown: bool, weights: dict) -> list:
     """One summary per feature x stage: the figures of the table, as numbers."""
     out = []
@@ -547,7 +384,7 @@ def summary_rows(rows: list[dict], features: list[str], breakdown: bool, weights
                     if r["feature"] == feature and r["stage"] == stage and r["source"] == source
                 ]
             ok = [r for r in chosen if r["status"] == "ok"]
-            dice = _values(ok, "mean_dice_after")
+            dice = numbers(r.get("mean_dice_after") for r in ok)
             notes = []
             if weights.get(feature, {}).get("untrained"):
                 notes.append(UNTRAINED_NOTE)
@@ -562,29 +399,19 @@ def summary_rows(rows: list[dict], features: list[str], breakdown: bool, weights
                     "source": source,
                     "runs": len(chosen),
                     "ok": len(ok),
-                    "dice_mean": statistics.fmean(dice) if dice else None,
-                    "dice_sd": statistics.stdev(dice) if len(dice) > 1 else None,
-                    "dice_before_mean": _opt_mean(_values(ok, "mean_dice_before")),
-                    "folding_percent_mean": _opt_mean(_values(ok, "folding_percent")),
-                    "seconds_mean": _opt_mean(_values(ok, "seconds")),
-                    "seconds_median": _opt_median(_values(ok, "seconds")),
-                    "peak_rss_gb_max": max(_values(chosen, "peak_rss_gb"), default=None),
+                    "dice_mean": mean_or_none(dice),
+                    "dice_sd": sd_or_none(dice),
+                    "dice_before_mean": mean_or_none(r.get("mean_dice_before") for r in ok),
+                    "folding_percent_mean": mean_or_none(r.get("folding_percent") for r in ok),
+                    "seconds_mean": mean_or_none(r.get("seconds") for r in ok),
+                    "seconds_median": median_or_none(r.get("seconds") for r in ok),
+                    "peak_rss_gb_max": max(
+                        numbers(r.get("peak_rss_gb") for r in chosen), default=None
+                    ),
                     "note": "; ".join(notes),
                 }
             )
     return out
-
-
-def _opt_mean(values: list[float]) -> float | None:
-    return statistics.fmean(values) if values else None
-
-
-def _opt_median(values: list[float]) -> float | None:
-    return statistics.median(values) if values else None
-
-
-def _fmt(value, digits: int) -> str:
-    return "—" if value is None else f"{value:.{digits}f}"
 
 
 def results_table(summaries: list[dict]) -> str:
@@ -594,14 +421,14 @@ def results_table(summaries: list[dict]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in summaries:
-        dice = _fmt(s["dice_mean"], 3)
+        dice = fmt(s["dice_mean"], 3)
         if s["dice_sd"] is not None:
             dice += f" ± {s['dice_sd']:.3f}"
         lines.append(
             f"| {s['feature']} | {STAGE_LABELS[s['stage']]} | {s['ok']}/{s['runs']} | {dice} "
-            f"| {_fmt(s['dice_before_mean'], 3)} | {_fmt(s['folding_percent_mean'], 3)} "
-            f"| {_fmt(s['seconds_mean'], 1)} | {_fmt(s['seconds_median'], 1)} "
-            f"| {_fmt(s['peak_rss_gb_max'], 2)} | {s['note']} |"
+            f"| {fmt(s['dice_before_mean'], 3)} | {fmt(s['folding_percent_mean'], 3)} "
+            f"| {fmt(s['seconds_mean'], 1)} | {fmt(s['seconds_median'], 1)} "
+            f"| {fmt(s['peak_rss_gb_max'], 2)} | {s['note']} |"
         )
     return "\n".join(lines)
 
@@ -626,26 +453,11 @@ def stage_time_table(rows: list[dict], features: list[str]) -> str:
         cells = []
         for stage in STAGE_ORDER:
             values = [r["stage_seconds"][stage] for r in full if stage in r["stage_seconds"]]
-            cells.append(_mean(values, 1) if values else "skipped")
+            cells.append(mean_text(values, 1) if values else "skipped")
         total = [sum(r["stage_seconds"].values()) for r in full]
-        cells += [_mean(total, 1), _mean(_values(full, "seconds"), 1)]
+        cells += [mean_text(total, 1), mean_text((r.get("seconds") for r in full), 1)]
         lines.append(f"| {feature} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-
-def machine_line(machine: dict, device: str, devices_used: list[str]) -> str:
-    used = ", ".join(sorted(set(filter(None, devices_used)))) or "—"
-    line = (
-        f"Machine: {machine['cpu']}, {machine['cores']} cores ({machine['usable_cores']} usable), "
-        f"{machine['memory_gb']} GB RAM; torch {machine['torch']}; --device {device}"
-    )
-    if devices_used:
-        line += f" -> {used}"
-    for when in ("start", "end"):
-        load = machine.get(f"load_average_at_{when}")
-        if load:
-            line += f"; load average at {when} {', '.join(f'{x:.2f}' for x in load)}"
-    return line
 
 
 def contention_warning(rows: list[dict], machine: dict) -> str | None:
@@ -740,7 +552,7 @@ def main(argv: list[str] | None = None) -> int:
     }
 
     def save() -> None:
-        output.write_text(json.dumps(document, indent=1, default=_jsonable))
+        write_json(output, document)
 
     interrupted = False
     signal.signal(signal.SIGTERM, _interrupt)  # kill PID: stop, summarise and save like Ctrl-C
@@ -766,10 +578,7 @@ def main(argv: list[str] | None = None) -> int:
                         if feature == "sam":
                             overrides["sam_weights"] = weights["sam"]["path"]
                         job = {
-                            "fixed": str(openkbp / f"{pair[0]}_ct.nii.gz"),
-                            "moving": str(openkbp / f"{pair[1]}_ct.nii.gz"),
-                            "fixed_labels": str(openkbp / f"{pair[0]}_label.nii.gz"),
-                            "moving_labels": str(openkbp / f"{pair[1]}_label.nii.gz"),
+                            "case": case_files(openkbp, *pair),
                             "overrides": overrides,
                             "threads": args.threads,
                             "verbose": args.verbose,

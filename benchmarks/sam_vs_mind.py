@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from datetime import datetime
@@ -37,31 +36,33 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 import torch
-
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "benchmarks"))
-
-from run_pairs import (  # noqa: E402
-    affine_metrics,
+from _common import (
+    RESULTS,
+    case_files,
     draw_pairs,
     find_openkbp,
+    fmt,
     machine_info,
-    validation_patients,  # noqa: E402
+    markdown_table,
+    mean_sd_text,
+    mean_text,
+    median_or_none,
+    register_case,
+    validation_patients,
+    write_json,
 )
+from run_pairs import affine_metrics
 
-from SAMERegistrationLib import register  # noqa: E402
-from SAMERegistrationLib.config import FEATURE_DEFAULTS, MatchingConfig  # noqa: E402
-from SAMERegistrationLib.errors import RegistrationFailed  # noqa: E402
-from SAMERegistrationLib.features.mind import MindExtractor  # noqa: E402
-from SAMERegistrationLib.features.sam import SamExtractor, default_weights  # noqa: E402
-from SAMERegistrationLib.grid import Grid  # noqa: E402
-from SAMERegistrationLib.image import read_image, to_working_grid  # noqa: E402
-from SAMERegistrationLib.matching import find_matches, grid_queries, nearest_matches  # noqa: E402
-from SAMERegistrationLib.stages.initial import search_translation  # noqa: E402
-from SAMERegistrationLib.synthetic import known_pair, smooth_displacement  # noqa: E402
+from SAMERegistrationLib.config import FEATURE_DEFAULTS, MatchingConfig
+from SAMERegistrationLib.errors import RegistrationFailed
+from SAMERegistrationLib.features.mind import MindExtractor
+from SAMERegistrationLib.features.sam import SamExtractor, default_weights
+from SAMERegistrationLib.grid import Grid
+from SAMERegistrationLib.image import read_image, to_working_grid
+from SAMERegistrationLib.matching import find_matches, grid_queries, nearest_matches
+from SAMERegistrationLib.stages.initial import search_translation
+from SAMERegistrationLib.synthetic import known_pair, smooth_displacement
 
-RESULTS = REPO / "benchmarks" / "results"
 # The searches compared: (row name, feature type, search radius in mm; 0 = whole image).
 SEARCHES = (
     ("SAM", "sam", FEATURE_DEFAULTS["sam"]["matching.search_radius_mm"]),
@@ -202,14 +203,11 @@ def match_organ_agreement(result, fixed_labels: sitk.Image, moving_labels: sitk.
 
 
 def run_pair(openkbp: Path, fixed: str, moving: str, feature: str, weights: Path | None) -> dict:
-    paths = {k: openkbp / f"{name}_{kind}.nii.gz" for k, name, kind in _files(fixed, moving)}
+    case = case_files(openkbp, fixed, moving)
     clock = time.perf_counter()
     try:
-        result = register(
-            str(paths["fixed_ct"]),
-            str(paths["moving_ct"]),
-            fixed_labels=str(paths["fixed_label"]),
-            moving_labels=str(paths["moving_label"]),
+        result = register_case(
+            case,
             features=feature,
             sam_weights=str(weights) if feature == "sam" else None,
             instance__enabled=False,
@@ -218,9 +216,9 @@ def run_pair(openkbp: Path, fixed: str, moving: str, feature: str, weights: Path
     except RegistrationFailed as err:
         return {"status": "refused", "reason": str(err)}
     seconds = time.perf_counter() - clock
-    affine = affine_metrics(result, str(paths["fixed_label"]), str(paths["moving_label"]))
-    fixed_labels = sitk.ReadImage(str(paths["fixed_label"]))
-    moving_labels = sitk.ReadImage(str(paths["moving_label"]))
+    affine = affine_metrics(result, case["fixed_labels"], case["moving_labels"])
+    fixed_labels = sitk.ReadImage(case["fixed_labels"])
+    moving_labels = sitk.ReadImage(case["moving_labels"])
     landmarks = organ_landmarks(result, fixed_labels, moving_labels)
     return {
         "status": "done",
@@ -235,35 +233,21 @@ def run_pair(openkbp: Path, fixed: str, moving: str, feature: str, weights: Path
     }
 
 
-def _files(fixed: str, moving: str):
-    for role, name in (("fixed", fixed), ("moving", moving)):
-        for kind in ("ct", "label"):
-            yield f"{role}_{kind}", name, kind
-
-
 # --- report ----------------------------------------------------------------------------------
 
 
-def _stat(values: list[float], fn) -> str:
-    return f"{fn(values):.2f}" if values else "n/a"
-
-
 def matching_table(cases: list[dict]) -> str:
-    lines = [
-        "| features (search) | one-way median mm | one-way < 4 mm | SSCC median mm | "
-        "SSCC < 4 mm | SSCC share kept |",
-        "|---|---|---|---|---|---|",
-    ]
+    head = ["features (search)", "one-way median mm", "one-way < 4 mm", "SSCC median mm"]
+    head += ["SSCC < 4 mm", "SSCC share kept"]
+    rows = []
     for row, _, _ in SEARCHES:
         raw = [e for case in cases for e in case[row]["one_way_mm"]]
         kept = [e for case in cases for e in case[row]["sscc_mm"]]
         queried = sum(case[row]["grid_points"] for case in cases)
         share = sum(case[row]["kept"] for case in cases) / max(queried, 1)
-        lines.append(
-            f"| {row} | {_stat(raw, statistics.median)} | {_share(raw)} | "
-            f"{_stat(kept, statistics.median)} | {_share(kept)} | {100 * share:.1f} % |"
-        )
-    return "\n".join(lines)
+        cells = [row, fmt(median_or_none(raw), 2), _share(raw), fmt(median_or_none(kept), 2)]
+        rows.append([*cells, _share(kept), f"{100 * share:.1f} %"])
+    return markdown_table(head, rows)
 
 
 def _share(errors: list[float], limit: float = 4.0) -> str:
@@ -271,25 +255,28 @@ def _share(errors: list[float], limit: float = 4.0) -> str:
 
 
 def pairs_table(pairs: list[dict]) -> str:
-    lines = [
-        "| features | pairs registered | Dice affine | Dice +coarse | organ landmarks inside | "
-        "affine matches kept | of those in an organ: same organ | time s/pair |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
+    head = ["features", "pairs registered", "Dice affine", "Dice +coarse"]
+    head += ["organ landmarks inside", "affine matches kept"]
+    head += ["of those in an organ: same organ", "time s/pair"]
+    rows = []
     for feature in ("sam", "mind"):
         runs = [p[feature] for p in pairs]
         done = [r for r in runs if r["status"] == "done"]
         hits = [h for r in done for h in r["landmark_hits"].values()]
-        affine = [r["dice_affine"] for r in done]
-        coarse = [r["dice_coarse"] for r in done]
-        lines.append(
-            f"| {feature.upper()} | {len(done)}/{len(runs)} | "
-            f"{_mean_sd(affine)} | {_mean_sd(coarse)} | "
-            f"{100 * np.mean(hits) if hits else float('nan'):.1f} % ({sum(hits)}/{len(hits)}) | "
-            f"{_kept(done)} | {_same_organ(done)} | "
-            f"{_stat([r['seconds'] for r in done], statistics.mean)} |"
+        inside = 100 * np.mean(hits) if hits else float("nan")
+        rows.append(
+            [
+                feature.upper(),
+                f"{len(done)}/{len(runs)}",
+                mean_sd_text(r["dice_affine"] for r in done),
+                mean_sd_text(r["dice_coarse"] for r in done),
+                f"{inside:.1f} % ({sum(hits)}/{len(hits)})",
+                _kept(done),
+                _same_organ(done),
+                mean_text((r["seconds"] for r in done), 2),
+            ]
         )
-    return "\n".join(lines)
+    return markdown_table(head, rows)
 
 
 def _kept(done: list[dict]) -> str:
@@ -308,13 +295,6 @@ def _same_organ(done: list[dict]) -> str:
         return "n/a"
     same = sum(c["same_organ"] for c in counts)
     return f"{100 * same / in_organ:.1f} % ({same}/{in_organ})"
-
-
-def _mean_sd(values: list[float]) -> str:
-    if not values:
-        return "n/a"
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.3f} ± {sd:.3f}"
 
 
 def plot(document: dict, path: Path) -> None:
@@ -424,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
     report(document, args.figure)
     output = args.output or RESULTS / f"sam_vs_mind-{datetime.now():%Y%m%d-%H%M%S}.json"
     output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(document, indent=1))
+    write_json(output, document)
     print(f"\nsaved: {output}")
     return 0
 
