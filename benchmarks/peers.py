@@ -410,8 +410,8 @@ def register_convexadam(
 
     ConvexAdam registers two images on one grid (the package resamples the moving scan onto the
     fixed one, ``convex_adam_utils.resample_moving_to_fixed``) that are already roughly aligned:
-    the Learn2Reg CT data its defaults come from are affinely pre-registered (README: "ranks
-    first for the Learn2Reg Challenge datasets"). So the moving scan is pre-aligned by the
+    its README presents it on the Learn2Reg tasks, whose CT pairs come affinely pre-registered
+    (the Learn2Reg task descriptions). So the moving scan is pre-aligned by the
     SimpleITK affine above (centre-of-mass start) and resampled with it onto a 2 mm grid over the
     fixed scan; the map is that affine after ConvexAdam's field.
     """
