@@ -328,7 +328,7 @@ class SAMERegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         self._start()
 
-    def _start(self, device: str | None = None) -> None:
+    def _start(self, device: Optional[str] = None) -> None:  # noqa: UP045
         parameters = self._parameterNode
         self.ui.logTextEdit.clear()
         self.ui.statusLabel.text = _("Starting...")

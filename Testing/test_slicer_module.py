@@ -8,8 +8,10 @@ process through the library, and the scene is compared with it.
 from __future__ import annotations
 
 import ast
+import json
 import os
 import re
+import subprocess
 import sys
 import time
 import xml.etree.ElementTree as ET
@@ -32,6 +34,7 @@ from SAMERegistrationModuleLib import devices, inspection, sceneio, settings  # 
 from SAMERegistrationModuleLib.logic import RegistrationLogic  # noqa: E402
 from SAMERegistrationModuleLib.scenario import makeSyntheticPair, runScenario  # noqa: E402
 from SAMERegistrationModuleLib.settings import InvalidInput  # noqa: E402
+from slice_rendering import body_centre, body_difference, render_views  # noqa: E402
 from slicer_scene import headless_scene  # noqa: E402
 
 from SAMERegistrationLib import mrml, register  # noqa: E402
@@ -532,3 +535,336 @@ def test_rerun_never_touches_user_nodes_and_keeps_its_grid(run, scene):
         mrml.matrix_lps_to_ras(np.linalg.inv(np.array(job.report["affine_matrix"]))),
         atol=1e-6,
     )
+
+
+# ---- a run must be safe against scene changes ---------------------------------------------------
+
+
+@pytest.fixture
+def fresh_scene(scene):
+    """A scene of its own with the synthetic pair; slicer.mrmlScene is restored afterwards."""
+    own = headless_scene()
+    pair = makeSyntheticPair()
+    own.pair = pair
+    own.fixed = add_volume(own, pair.fixed, "fixed")
+    own.moving = add_volume(own, pair.moving, "moving")
+    yield own
+    slicer.mrmlScene = scene
+
+
+def run_until(registration, fixed, moving, stage, action, **kwargs):
+    """Register, calling ``action`` once when the child reports ``stage``; the RegistrationFailed
+    raised, or None."""
+    done = []
+
+    def on_progress(current, *_):
+        if current == stage and not done:
+            done.append(current)
+            action()
+
+    try:
+        registration.register(
+            fixed, moving, waitForCompletion=True, onProgress=on_progress,
+            **{**SETTINGS, "stages": ("affine", "coarse"), **kwargs},
+        )  # fmt: skip
+    except RegistrationFailed as failure:
+        assert done, "the action never ran"
+        return failure
+    return None
+
+
+def test_deleting_the_output_transform_during_a_run_cancels_it(fresh_scene):
+    scene = fresh_scene
+    output = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "output")
+    registration = RegistrationLogic(scene)
+    before = [item for item in snapshot(scene) if item[0] != output.GetID()]
+    failure = run_until(
+        registration, scene.fixed, scene.moving, "features", lambda: scene.RemoveNode(output),
+        outputTransform=output,
+    )  # fmt: skip
+    assert failure is not None and "output" in str(failure) and "deleted" in str(failure)
+    assert snapshot(scene) == before
+    assert scene.GetNumberOfNodesByClass("vtkMRMLGridTransformNode") == 0
+    assert scene.moving.GetParentTransformNode() is None
+    assert registration.job is None and registration.lastRun is None
+
+
+def test_deleting_the_moving_volume_during_a_run_changes_nothing(fresh_scene):
+    scene = fresh_scene
+    output = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "output")
+    matrix = np.diag([1.0, 2.0, 3.0, 1.0])
+    output.SetMatrixTransformToParent(slicer.util.vtkMatrixFromArray(matrix))
+    registration = RegistrationLogic(scene)
+    moving = scene.moving
+    before = [item for item in snapshot(scene) if item[0] != moving.GetID()]
+    failure = run_until(
+        registration, scene.fixed, moving, "features", lambda: scene.RemoveNode(moving),
+        outputTransform=output,
+    )  # fmt: skip
+    assert failure is not None and "moving" in str(failure)
+    assert snapshot(scene) == before
+    assert scene.GetNumberOfNodesByClass("vtkMRMLGridTransformNode") == 0
+    np.testing.assert_array_equal(slicer.util.arrayFromTransformMatrix(output), matrix)
+
+
+def test_closing_the_scene_during_a_scripted_run_leaves_it_empty(fresh_scene):
+    scene = fresh_scene
+    registration = RegistrationLogic(scene)
+    failure = run_until(registration, scene.fixed, scene.moving, "features", scene.Clear)
+    assert failure is not None and "closed" in str(failure)
+    for cls in ("vtkMRMLGridTransformNode", "vtkMRMLLinearTransformNode", "vtkMRMLVolumeNode"):
+        assert scene.GetNumberOfNodesByClass(cls) == 0, cls
+    assert registration.job is None
+
+
+def test_results_are_not_loaded_into_a_scene_that_lost_a_node(fresh_scene):
+    """Even unobserved, loading checks every node first and changes nothing when one is gone."""
+    scene = fresh_scene
+    points = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "points")
+    registration = RegistrationLogic(scene)
+    job = registration.register(
+        scene.fixed, scene.moving, outputFixedPoints=points, **{**SETTINGS, "stages": ("affine",)}
+    )
+    registration.stopWatching()
+    job.process.process.wait(120)
+    scene.RemoveNode(points)
+    before = snapshot(scene)
+    while not job.poll():
+        time.sleep(0.05)
+    assert job.state.value == "failed" and "left the scene" in job.error
+    assert snapshot(scene) == before
+    assert scene.moving.GetParentTransformNode() is None
+
+
+@pytest.fixture
+def small_run(fresh_scene):
+    """A completed affine + coarse run in its own scene, the fixed volume in a study."""
+    scene = fresh_scene
+    hierarchy = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
+    study = hierarchy.CreateStudyItem(
+        hierarchy.CreateSubjectItem(hierarchy.GetSceneItemID(), "patient"), "study"
+    )
+    hierarchy.CreateItem(study, scene.fixed)
+    scene.fixedPoints = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "F")
+    scene.movingPoints = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "M")
+    scene.before = render_views(scene, scene.fixed, scene.moving, body_centre(scene.fixed))
+    scene.logic = RegistrationLogic(scene)
+    scene.job = scene.logic.register(
+        scene.fixed, scene.moving, outputFixedPoints=scene.fixedPoints,
+        outputMovingPoints=scene.movingPoints, waitForCompletion=True,
+        **{**SETTINGS, "stages": ("affine", "coarse")},
+    )  # fmt: skip
+    scene.hierarchy, scene.study = hierarchy, study
+    return scene
+
+
+def test_rendered_slice_views_align_after_a_registration(small_run):
+    """Slicer's slice logic draws the fixed volume under the moving one (through the result
+    transform): the grey-value difference inside the body drops."""
+    scene = small_run
+    after = render_views(scene, scene.fixed, scene.moving, body_centre(scene.fixed))
+    assert scene.moving.GetParentTransformNode() is scene.job.outputs.transform
+    before_difference, after_difference = body_difference(scene.before), body_difference(after)
+    assert after_difference < 0.6 * before_difference, (before_difference, after_difference)
+
+
+def test_run_outputs_join_the_fixed_volume_study_and_keep_the_report(small_run, tmp_path):
+    scene = small_run
+    linear, grid = scene.job.outputs.transform, scene.job.outputs.gridTransform
+    for node in (linear, grid, scene.fixedPoints, scene.movingPoints):
+        item = scene.hierarchy.GetItemByDataNode(node)
+        assert item and scene.hierarchy.GetItemParent(item) == scene.study, node.GetName()
+    report = json.loads(linear.GetAttribute(settings.REPORT_ATTRIBUTE))
+    assert report["device"].lower().startswith("cpu") and report["features"] == "mind"
+    assert {"SAMERegistrationLib", "torch", "numpy"} <= set(report["software"])
+    assert report["config"]["coarse"]["iterations"] == SETTINGS["coarseIterations"]
+    # Saved with the scene and read back.
+    scene.SetSaveToXMLString(1)
+    scene.Commit()
+    reloaded = slicer.vtkMRMLScene()
+    reloaded.SetLoadFromXMLString(1)
+    reloaded.SetSceneXMLString(scene.GetSceneXMLString())
+    reloaded.Import()
+    copy = reloaded.GetNodeByID(linear.GetID())
+    assert json.loads(copy.GetAttribute(settings.REPORT_ATTRIBUTE)) == report
+
+
+def test_find_match_is_reset_when_the_inputs_change_or_the_scene_closes(small_run, monkeypatch):
+    scene = small_run
+    logic_ = scene.logic
+    monkeypatch.setitem(sys.modules, "torch", None)  # the search must not need PyTorch
+    position = slicer.util.arrayFromMarkupsControlPoints(scene.movingPoints)[0]
+    found, similarity = logic_.findMatch(position)
+    assert np.isfinite(found).all() and -1.0 <= similarity <= 1.0
+
+    voxels = slicer.util.arrayFromVolume(scene.moving)
+    voxels[:] = np.roll(voxels, 3, axis=0)
+    slicer.util.arrayFromVolumeModified(scene.moving)
+    with pytest.raises(InvalidInput, match="changed"):
+        logic_.findMatch(position)
+    with pytest.raises(InvalidInput, match="Run a registration first"):
+        logic_.findMatch(position)
+
+    logic_.lastRun = scene.job  # as after a new run; then the scene closes
+    logic_._matchSearch = None
+    scene.Clear(0)
+    assert logic_.lastRun is None
+    with pytest.raises(InvalidInput, match="Run a registration first"):
+        logic_.findMatch(position)
+
+
+# ---- other defects ------------------------------------------------------------------------------
+
+
+def test_a_transform_already_on_the_moving_volume_is_refused_clearly(scene, run):
+    registration = RegistrationLogic(scene)
+    users = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "the user's transform")
+    volume = add_volume(scene, run.pair.moving, "moving under a transform")
+    volume.SetAndObserveTransformNodeID(users.GetID())
+    before = snapshot(scene)
+    with pytest.raises(InvalidInput, match="under the transform 'the user's transform'.*harden"):
+        registration.register(run.fixed, volume, waitForCompletion=True, **SETTINGS)
+    assert snapshot(scene) == before
+    # Chosen as the output transform, it is replaced on purpose: no refusal.
+    registration.checkInputs(run.fixed, volume, outputs=settings.RegistrationOutputs(users))
+    for node in (volume, users):
+        scene.RemoveNode(node)
+
+
+def test_a_process_killed_for_memory_says_so(scene, run):
+    if os.name == "nt":
+        pytest.skip("POSIX signals")
+    registration = RegistrationLogic(scene)
+    suicide = "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"
+    registration._command = lambda: [sys.executable, "-c", suicide]
+    before = snapshot(scene)
+    with pytest.raises(RegistrationFailed, match="ran out of memory") as failure:
+        registration.register(run.fixed, run.moving, waitForCompletion=True, **SETTINGS)
+    assert "SIGKILL" in str(failure.value) and "exited with code" not in str(failure.value)
+    assert snapshot(scene) == before
+
+
+def test_place_mode_follows_the_toolbar_and_restores_persistence(scene):
+    selection = scene.app.GetSelectionNode()
+    interaction = scene.app.GetInteractionNode()
+    query = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "queries")
+    interaction.SetPlaceModePersistence(0)
+    left = []
+    placement = inspection.FindMatchPlacement(selection, interaction, lambda: left.append(1))
+    placement.start(query)
+    assert selection.GetActivePlaceNodeClassName() == "vtkMRMLMarkupsFiducialNode"
+    assert selection.GetActivePlaceNodeID() == query.GetID()
+    assert interaction.GetCurrentInteractionMode() == interaction.Place
+    assert interaction.GetPlaceModePersistence() == 1
+    interaction.SetCurrentInteractionMode(interaction.ViewTransform)  # left from the toolbar
+    assert left == [1] and not placement.active
+    assert interaction.GetPlaceModePersistence() == 0
+    placement.start(query)
+    placement.stop()  # the button unchecked
+    assert interaction.GetCurrentInteractionMode() == interaction.ViewTransform
+    assert interaction.GetPlaceModePersistence() == 0 and left == [1]
+    scene.RemoveNode(query)
+
+
+def test_slice_nodes_are_listed_without_leaking_collections(scene):
+    """GetNodesByClass returns a new vtkCollection that Python never frees; the module counts."""
+    leaked = scene.GetNodesByClass("vtkMRMLSliceNode")
+    assert leaked.GetReferenceCount() == 2  # why it is not used
+    for path in MODULE_DIR.rglob("*.py"):
+        assert ".GetNodesByClass(" not in path.read_text(), path
+    slice_node = scene.AddNewNodeByClass("vtkMRMLSliceNode")
+    assert inspection.nodesByClass(scene, "vtkMRMLSliceNode")[-1] is slice_node
+    scene.RemoveNode(slice_node)
+
+
+def test_requirements_list_only_what_the_run_imports():
+    """Each listed package is imported when the module runs; tqdm (bars only) is not needed."""
+    from SAMERegistrationModuleLib import dependencies
+
+    path = MODULE_DIR / "Resources" / "requirements.txt"
+    listed = [re.split(r"[<>=!~;\[ ]", line)[0] for line in dependencies.requirements(path)]
+    assert "tqdm" not in listed
+    top_level = set()
+    for source in [*(REPO / "SAMERegistrationLib").rglob("*.py"), *MODULE_DIR.rglob("*.py")]:
+        for statement in ast.parse(source.read_text()).body:
+            if isinstance(statement, ast.Import):
+                top_level |= {alias.name.split(".")[0] for alias in statement.names}
+            elif isinstance(statement, ast.ImportFrom) and statement.module:
+                top_level.add(statement.module.split(".")[0])
+    assert set(listed) <= top_level
+    assert dependencies.missingRequirements(path) == []
+
+
+def test_module_loads_with_python_3_9_rules():
+    """Slicer before 5.10 ships Python 3.9: no newer syntax in what Slicer's process imports, and
+    no ``X | Y`` annotation evaluated at import (only under ``from __future__ import annotations``).
+    """
+    code = (
+        "import sys; sys.modules['torch'] = None; import SAMERegistrationModuleLib.logic, "
+        "SAMERegistrationModuleLib.devices, SAMERegistrationModuleLib.scenario, "
+        "SAMERegistrationLib.mrml, SAMERegistrationLib.feature_export; "
+        "print('\\n'.join(m.__file__ for n, m in sys.modules.items() "
+        "if n.startswith('SAMERegistration') and getattr(m, '__file__', None)))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(MODULE_DIR)])},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    files = {Path(line) for line in done.stdout.split()} | {MODULE_DIR / "SAMERegistration.py"}
+    assert any(f.name == "mrml.py" for f in files)
+    for path in sorted(files):
+        tree = ast.parse(path.read_text(), feature_version=(3, 9))
+        postponed = any(
+            isinstance(s, ast.ImportFrom)
+            and s.module == "__future__"
+            and any(a.name == "annotations" for a in s.names)
+            for s in tree.body
+        )
+        if postponed:
+            continue
+        annotations = [
+            n.annotation for n in ast.walk(tree) if isinstance(n, ast.arg | ast.AnnAssign)
+        ]
+        annotations += [n.returns for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)]
+        unions = [
+            a.lineno
+            for a in annotations
+            if a is not None
+            and any(isinstance(n, ast.BinOp) and isinstance(n.op, ast.BitOr) for n in ast.walk(a))
+        ]
+        assert not unions, f"{path.name}: X | Y annotations at lines {unions}"
+
+
+def test_extension_meets_the_index_conventions():
+    licence = (REPO / "LICENSE").read_text()
+    assert "Apache License" in licence and "Version 2.0, January 2004" in licence
+    cmake = (REPO / "CMakeLists.txt").read_text()
+    screenshot = re.search(r'EXTENSION_SCREENSHOTURLS "([^"]+)"', cmake)
+    assert screenshot, "no screenshot URL"
+    relative = screenshot.group(1).split("/main/")[-1]
+    assert (REPO / relative).is_file(), relative
+    assert "5.10" in cmake
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("## In 3D Slicer")[1].split("\n## ")[0]
+    assert "5.10" in section and relative in section
+    source = (MODULE_DIR / "SAMERegistration.py").read_text()
+    tree = ast.parse(source)
+    citation = next(
+        ast.literal_eval(n.value)
+        for n in ast.walk(tree)
+        if isinstance(n, ast.Assign) and getattr(n.targets[0], "id", "") == "CITATION"
+    )
+    assert " ".join(citation.split()) in " ".join(section.split())
+    assert "DOCUMENTATION_URL" in source and "{url}" in source
+    # The ctest self-test runs the panel test without PyTorch, and skips nothing.
+    test_class = next(
+        n
+        for n in ast.walk(tree)
+        if isinstance(n, ast.ClassDef) and n.name == "SAMERegistrationTest"
+    )
+    run_test = next(n for n in test_class.body if getattr(n, "name", "") == "runTest")
+    called = {n.func.attr for n in ast.walk(run_test) if isinstance(n, ast.Call)
+              and isinstance(n.func, ast.Attribute)}  # fmt: skip
+    assert {"test_panelWithoutPyTorch", "test_registerSyntheticPair"} <= called
+    assert "skipTest" not in ast.get_source_segment(source, test_class)

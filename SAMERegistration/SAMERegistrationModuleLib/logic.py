@@ -164,7 +164,7 @@ class RegistrationLogic:
 
     def _onNodeRemoved(self, caller, event) -> None:
         job = self.job
-        if job is None or job.finished or self.scene.GetIsClosing():
+        if job is None or job.finished or self.scene.IsClosing():
             return
         gone = sceneio.missingNodes(self.scene, job.inputs.nodes() + job.outputs.chosen())
         if gone:
