@@ -20,6 +20,7 @@ from slicer import (
     vtkMRMLMarkupsFiducialNode,
     vtkMRMLScalarVolumeNode,
     vtkMRMLSegmentationNode,
+    vtkMRMLTransformNode,
 )
 from slicer.i18n import tr as _
 from slicer.i18n import translate
@@ -63,10 +64,11 @@ stages and instance optimisation. Needs Slicer 5.10 or later and the PyTorch ext
 <p>Results: a linear transform (the affine part) under a grid transform (the deformable part,
 stored in the resampling direction on the fixed grid). The moving volume is put under the linear
 transform; put other moving-space data (segmentations, models, points) under it too. Optional: the
-warped volume and segmentation on the fixed grid, and the correspondences as two point lists (F-i
-in the fixed volume, M-i in the moving volume; similarity in each description, green when it is at
-least 0.9). The run's report (versions, device, configuration) is kept on the linear transform
-(attribute SAMERegistration.Report) and saved with the scene. A displacement-magnitude or Jacobian
+warped volume and segmentation on the fixed grid, the correspondences as two point lists (F-i in
+the fixed volume, M-i in the moving volume; similarity in each description, green when it is at
+least 0.9), and the inverse transform (moving to fixed, for fixed-space data). The run's report
+(versions, device, configuration) is kept on the linear transform (attribute
+SAMERegistration.Report) and saved with the scene. A displacement-magnitude or Jacobian
 volume for quality control is computed on demand (Inspect).</p>
 <p>The registration runs in a separate process; Apply turns into Cancel while it runs. Under
 Inspect, click a correspondence to jump to it, or find the match of any point of the moving
@@ -149,6 +151,7 @@ class SAMERegistrationParameterNode:
     outputLabels: Union[vtkMRMLSegmentationNode, vtkMRMLLabelMapVolumeNode, None]  # noqa: UP007
     fixedPoints: vtkMRMLMarkupsFiducialNode
     movingPoints: vtkMRMLMarkupsFiducialNode
+    outputInverseTransform: vtkMRMLTransformNode
     qaVolume: vtkMRMLScalarVolumeNode
     qaKind: QaKind = QaKind.MAGNITUDE
 
@@ -173,6 +176,7 @@ class SAMERegistrationParameterNode:
             self.outputLabels,
             self.fixedPoints,
             self.movingPoints,
+            self.outputInverseTransform,
         )
 
 
@@ -348,6 +352,7 @@ class SAMERegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 outputLabels=outputs.labels,
                 outputFixedPoints=outputs.fixedPoints,
                 outputMovingPoints=outputs.movingPoints,
+                outputInverseTransform=outputs.inverseTransform,
                 onProgress=self._onProgress,
                 onLog=self.ui.logTextEdit.appendPlainText,
                 onFinished=self._onFinished,

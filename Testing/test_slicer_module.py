@@ -668,6 +668,30 @@ def test_rendered_slice_views_align_after_a_registration(small_run):
     assert after_difference < 0.6 * before_difference, (before_difference, after_difference)
 
 
+def test_inverse_transform_output_undoes_the_registration(small_run):
+    scene = small_run
+    inverse = scene.AddNewNodeByClass("vtkMRMLTransformNode", "inverse")
+    job = scene.logic.register(
+        scene.fixed, scene.moving, outputTransform=scene.job.outputs.transform,
+        outputInverseTransform=inverse, waitForCompletion=True,
+        **{**SETTINGS, "stages": ("affine", "coarse")},
+    )  # fmt: skip
+    assert inverse.GetParentTransformNode().GetAttribute(settings.ROLE_ATTRIBUTE) == (
+        "inverse-affine"
+    )
+    grid = mrml.grid_from_volume_node(scene.fixed)
+    points = (
+        grid.index_to_physical(
+            np.random.default_rng(1).uniform(0.2, 0.8, (50, 3)) * (np.array(grid.size_xyz) - 1)
+        )
+        @ mrml.FLIP
+    )  # RAS, inside the fixed volume
+    moved = mrml.map_points_through(job.outputs.transform, points)  # fixed -> moving
+    back = mrml.map_points_through(inverse, moved)  # moving -> fixed
+    assert np.linalg.norm(moved - points, axis=1).mean() > 2.0
+    np.testing.assert_allclose(back, points, atol=0.05)
+
+
 def test_run_outputs_join_the_fixed_volume_study_and_keep_the_report(small_run, tmp_path):
     scene = small_run
     linear, grid = scene.job.outputs.transform, scene.job.outputs.gridTransform

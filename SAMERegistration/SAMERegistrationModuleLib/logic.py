@@ -31,6 +31,7 @@ OUTPUT_CLASSES = {
     "labels": ("vtkMRMLSegmentationNode", "vtkMRMLLabelMapVolumeNode"),
     "fixedPoints": ("vtkMRMLMarkupsFiducialNode",),
     "movingPoints": ("vtkMRMLMarkupsFiducialNode",),
+    "inverseTransform": ("vtkMRMLTransformNode",),
 }
 
 
@@ -70,6 +71,7 @@ class RegistrationLogic:
         outputLabels=None,
         outputFixedPoints=None,
         outputMovingPoints=None,
+        outputInverseTransform=None,
         waitForCompletion: bool = False,
         onProgress: ProgressHandler | None = None,
         onLog: LogHandler | None = None,
@@ -81,7 +83,8 @@ class RegistrationLogic:
         Keyword settings are the fields of RegistrationSettings (stages, features, device,
         spacing, threshold, coarseIterations, instanceIterations, weights, deformWeights, seed).
         Outputs: the transform node is created when not given; other outputs are made only for
-        the nodes given. With ``waitForCompletion`` the call returns the completed job or raises
+        the nodes given. ``outputInverseTransform`` (a vtkMRMLTransformNode) gets the inverse
+        map, for fixed-space data to be shown in moving space. With ``waitForCompletion`` the call returns the completed job or raises
         RegistrationFailed (SAMERegistrationLib.errors); otherwise call ``job.poll()`` until it
         returns True. Raises InvalidInput, with the scene unchanged, when the request cannot run.
         If an input or output node leaves the scene during the run, or the scene is closed, the
@@ -92,8 +95,9 @@ class RegistrationLogic:
         except TypeError as error:
             raise InvalidInput(f"Unknown setting: {error}.") from error
         outputs = RegistrationOutputs(
-            outputTransform, outputVolume, outputLabels, outputFixedPoints, outputMovingPoints
-        )
+            outputTransform, outputVolume, outputLabels, outputFixedPoints, outputMovingPoints,
+            outputInverseTransform,
+        )  # fmt: skip
         self.checkInputs(fixed, moving, movingLabels, outputs, options)
         if not torchInstalled():
             raise InvalidInput(

@@ -164,7 +164,37 @@ def loadOutputs(scene, job: RegistrationJob) -> None:
             mrml.set_matches(outputs.movingPoints, movingPoints, similarity, "M", (0.2, 0.6, 1.0))
             # Shown like the moving volume: under the transform, over the fixed anatomy.
             outputs.movingPoints.SetAndObserveTransformNodeID(linear.GetID())
-    placeInStudy(scene, fixed, [n for n in (linear, outputs.gridTransform, *outputs.chosen()) if n])
+    extra = setInverse(scene, outputs.inverseTransform, files) if outputs.inverseTransform else []
+    placed = [linear, outputs.gridTransform, *outputs.chosen(), *extra]
+    placeInStudy(scene, fixed, [node for node in placed if node is not None])
+
+
+def setInverse(scene, node, files: RunFiles) -> list:
+    """Fill ``node`` with the inverse map ``q -> G^-1 (A^-1 q)``: the inverse affine alone, or the
+    deformable part inverted (stored ToParent; Slicer inverts it where it is used) under a linear
+    node holding the inverse affine, made or reused here. Returns the nodes made or reused."""
+    import slicer
+
+    from SAMERegistrationLib import mrml
+
+    inverseAffine = np.linalg.inv(files.affine)
+    parent = node.GetParentTransformNode()
+    if files.deformable is None:
+        mrml.set_affine(node, inverseAffine)
+        node.SetAndObserveTransformNodeID(None)
+        return []
+    if parent is None or parent.GetAttribute(ROLE_ATTRIBUTE) != "inverse-affine":
+        parent = scene.AddNewNodeByClass(
+            "vtkMRMLLinearTransformNode", f"{node.GetName()} (inverse affine)"
+        )
+        parent.SetAttribute(ROLE_ATTRIBUTE, "inverse-affine")
+    mrml.set_affine(parent, inverseAffine)
+    parent.SetAndObserveTransformNodeID(None)
+    deformable = slicer.vtkOrientedGridTransform()
+    deformable.DeepCopy(files.deformable)  # its own copy: the forward grid node holds the other
+    node.SetAndObserveTransformToParent(deformable)
+    node.SetAndObserveTransformNodeID(parent.GetID())
+    return [parent]
 
 
 def gridNodeFor(scene, linear):

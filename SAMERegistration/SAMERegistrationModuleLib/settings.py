@@ -93,6 +93,9 @@ class RegistrationOutputs:
     labels: object = None  # vtkMRMLSegmentationNode or vtkMRMLLabelMapVolumeNode, warped
     fixedPoints: object = None  # vtkMRMLMarkupsFiducialNode
     movingPoints: object = None  # vtkMRMLMarkupsFiducialNode
+    # vtkMRMLTransformNode: the inverse map (moving -> fixed); fixed-space data put under it show
+    # in moving space. With a deformable part its parent holds the inverse affine.
+    inverseTransform: object = None
     gridTransform: object = None  # vtkMRMLGridTransformNode, set by the run when it has one
 
     def chosen(self) -> list:
@@ -100,6 +103,6 @@ class RegistrationOutputs:
         return [
             node
             for node in (self.transform, self.volume, self.labels)
-            + (self.fixedPoints, self.movingPoints)
+            + (self.fixedPoints, self.movingPoints, self.inverseTransform)
             if node is not None
         ]
