@@ -584,41 +584,36 @@ class SAMERegistrationTest(ScriptedLoadableModuleTest):
         self.test_registerSyntheticPair()
 
     def test_panelWithoutPyTorch(self):
-        """Build the panel, choose volumes and check the Apply button's state and tooltip."""
-        import SimpleITK as sitk
+        """Open the panel, choose volumes and check the Apply button's state and tooltip."""
         from SAMERegistrationModuleLib.scenario import makeSyntheticPair
 
         from SAMERegistrationLib import mrml
 
-        self.delayDisplay("Building the SAME Registration panel")
-        widget = SAMERegistrationWidget(slicer.qMRMLWidget())
-        widget.setup()
-        try:
-            parameters = widget._parameterNode
-            self.assertIsNotNone(parameters)
-            self.assertFalse(widget.ui.applyButton.enabled)
-            self.assertIn("No fixed volume", widget.ui.applyButton.toolTip)
+        self.delayDisplay("Opening the SAME Registration panel")
+        slicer.util.selectModule("SAMERegistration")
+        widget = slicer.util.getModuleWidget("SAMERegistration")
+        parameters = widget._parameterNode
+        self.assertIsNotNone(parameters)
+        self.assertFalse(widget.ui.applyButton.enabled)
+        self.assertIn("No fixed volume", widget.ui.applyButton.toolTip)
 
-            pair = makeSyntheticPair()
-            fixed = mrml.update_volume_node_from_image(
-                slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "fixed"), pair.fixed
-            )
-            moving = mrml.update_volume_node_from_image(
-                slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "moving"),
-                sitk.Cast(pair.moving, sitk.sitkInt16),
-            )
-            widget.ui.fixedVolumeSelector.setCurrentNode(fixed)
-            widget.ui.movingVolumeSelector.setCurrentNode(moving)
-            self.assertIs(parameters.fixedVolume, fixed)
-            self.assertIs(parameters.movingVolume, moving)
-            self.assertTrue(widget.ui.applyButton.enabled)
-            self.assertEqual(widget.ui.applyButton.text, "Apply")
+        pair = makeSyntheticPair()
+        fixed = mrml.update_volume_node_from_image(
+            slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "fixed"), pair.fixed
+        )
+        moving = mrml.update_volume_node_from_image(
+            slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "moving"), pair.moving
+        )
+        widget.ui.fixedVolumeSelector.setCurrentNode(fixed)
+        widget.ui.movingVolumeSelector.setCurrentNode(moving)
+        self.assertIs(parameters.fixedVolume, fixed)
+        self.assertIs(parameters.movingVolume, moving)
+        self.assertTrue(widget.ui.applyButton.enabled)
+        self.assertEqual(widget.ui.applyButton.text, "Apply")
 
-            widget.ui.movingVolumeSelector.setCurrentNode(fixed)  # the same volume twice
-            self.assertFalse(widget.ui.applyButton.enabled)
-            self.assertIn("both the fixed and the moving", widget.ui.applyButton.toolTip)
-        finally:
-            widget.cleanup()
+        widget.ui.movingVolumeSelector.setCurrentNode(fixed)  # the same volume twice
+        self.assertFalse(widget.ui.applyButton.enabled)
+        self.assertIn("both the fixed and the moving", widget.ui.applyButton.toolTip)
         self.delayDisplay("Panel test passed")
 
     def test_registerSyntheticPair(self):
