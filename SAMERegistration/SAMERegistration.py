@@ -52,7 +52,7 @@ from SAMERegistrationModuleLib.settings import (  # noqa: E402
     RegistrationSettings,
 )
 
-from SAMERegistrationLib.config import SPACING_RANGE_MM, STAGES  # noqa: E402
+from SAMERegistrationLib.config import FEATURES, SPACING_RANGE_MM, STAGES  # noqa: E402
 
 DOCUMENTATION_URL = "https://github.com/SAMERegistration/SlicerSAMERegistration#in-3d-slicer"
 
@@ -104,17 +104,15 @@ class SAMERegistration(ScriptedLoadableModule):
         self.parent.acknowledgementText = _(ACKNOWLEDGEMENT_TEXT)
 
 
-class Features(enum.Enum):
-    AUTO = "auto"
-    SAM = "sam"
-    MIND = "mind"
+FEATURE_LABELS = {
+    "auto": _("Auto (SAM when its weights are available, else MIND)"),
+    "sam": _("SAM (anatomical embeddings)"),
+    "mind": _("MIND (no network weights)"),
+}
 
-    def label(self):
-        return {
-            "auto": _("Auto (SAM when its weights are available, else MIND)"),
-            "sam": _("SAM (anatomical embeddings)"),
-            "mind": _("MIND (no network weights)"),
-        }[self.value]
+# The choices are the library's (SAMERegistrationLib.config.FEATURES), with a label each.
+Features = enum.Enum("Features", [(name.upper(), name) for name in FEATURES])
+Features.label = lambda self: FEATURE_LABELS.get(self.value, self.value)
 
 
 class QaKind(enum.Enum):

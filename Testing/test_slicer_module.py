@@ -492,6 +492,18 @@ def test_settings_become_the_command_line_the_library_reads():
     from SAMERegistrationModuleLib import job
 
     assert job.STEPS is STEPS and settings.STAGES is STAGES  # one vocabulary, imported
+    from SAMERegistrationLib.config import FEATURES, SPACING_RANGE_MM
+
+    vocabulary = {STAGES, STEPS, FEATURES, SPACING_RANGE_MM}
+    for path in MODULE_DIR.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Tuple | ast.List) and node.elts:
+                try:
+                    value = tuple(ast.literal_eval(node))
+                except ValueError:
+                    continue
+                assert value not in vocabulary, f"{path.name}:{node.lineno} redefines {value}"
+            assert not (isinstance(node, ast.ClassDef) and node.name == "RegistrationFailed")
 
 
 def test_devices_from_nvidia_smi():
