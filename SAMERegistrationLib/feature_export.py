@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 FEATURE_MAPS_NAME = "feature_maps.npz"
+MATCH_BLOCK = 65536  # stored voxels compared at once in match_point
 
 
 @dataclass(frozen=True)
@@ -90,7 +91,7 @@ def match_point(
     point lies outside the moving body or no fixed body voxel is near enough.
     """
     query = moving.descriptor_at(moving_lps)
-    if query is None:
+    if query is None or len(fixed.descriptors) == 0:
         return None
     positions = fixed.positions()
     keys = fixed.descriptors
@@ -99,6 +100,13 @@ def match_point(
         if not near.any():
             return None
         positions, keys = positions[near], keys[near]
-    similarity = keys.astype(np.float32) @ query.astype(np.float32)
+    # In blocks, so that the float32 copy of the keys stays small (SAM has 256 channels).
+    query = query.astype(np.float32)
+    similarity = np.concatenate(
+        [
+            keys[i : i + MATCH_BLOCK].astype(np.float32) @ query
+            for i in range(0, len(keys), MATCH_BLOCK)
+        ]
+    )
     best = int(np.argmax(similarity))
     return positions[best], float(similarity[best])

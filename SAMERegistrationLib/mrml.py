@@ -224,33 +224,6 @@ def set_matches(
         display.SetColor(0.95, 0.55, 0.1)  # unselected = below HIGH_SIMILARITY: orange
 
 
-def resample_to_reference(moving, fixed, output) -> None:
-    """Resample ``moving`` through its parent transforms onto the grid of ``fixed`` into ``output``.
-
-    Uses Slicer's ResampleVolumeToReferenceVolume (which keeps the reference geometry, unlike
-    hardening the transform), then moves the voxels into the chosen output node.
-    """
-    import slicer
-    import vtk
-
-    scene = moving.GetScene()
-    resampled = slicer.vtkSlicerVolumesLogic.ResampleVolumeToReferenceVolume(moving, fixed)
-    if resampled is None:
-        raise RuntimeError(f"Slicer could not resample '{moving.GetName()}' onto the fixed grid.")
-    try:
-        matrix = vtk.vtkMatrix4x4()
-        resampled.GetIJKToRASMatrix(matrix)
-        with slicer.util.NodeModify(output):
-            output.SetIJKToRASMatrix(matrix)
-            image = vtk.vtkImageData()
-            image.DeepCopy(resampled.GetImageData())
-            output.SetAndObserveImageData(image)
-            output.SetAndObserveTransformNodeID(None)
-    finally:
-        if resampled.GetScene() is not None:
-            scene.RemoveNode(resampled)
-
-
 def map_points_through(
     transform_node, points_ras: np.ndarray, to_world: bool = False
 ) -> np.ndarray:
