@@ -9,7 +9,7 @@ import importlib.util
 import re
 import sys
 from pathlib import Path
-from typing import Annotated, Union
+from typing import Annotated, Optional, Union
 
 import qt
 import slicer
@@ -20,6 +20,7 @@ from slicer import (
     vtkMRMLMarkupsFiducialNode,
     vtkMRMLScalarVolumeNode,
     vtkMRMLSegmentationNode,
+    vtkMRMLTransformNode,
 )
 from slicer.i18n import tr as _
 from slicer.i18n import translate
@@ -40,27 +41,35 @@ if (
 ):
     sys.path.append(str(_sourceLibrary))
 
+from SAMERegistrationModuleLib.dependencies import ensureDependencies  # noqa: E402
 from SAMERegistrationModuleLib.devices import describe_gpus, detect_gpus, device_choices  # noqa: E402
-from SAMERegistrationModuleLib.logic import (  # noqa: E402
+from SAMERegistrationModuleLib.inspection import FindMatchPlacement, qaCostText  # noqa: E402
+from SAMERegistrationModuleLib.logic import RegistrationLogic  # noqa: E402
+from SAMERegistrationModuleLib.scenario import runScenario  # noqa: E402
+from SAMERegistrationModuleLib.settings import (  # noqa: E402
     ROLE_ATTRIBUTE,
-    RegistrationLogic,
     RegistrationOutputs,
     RegistrationSettings,
 )
-from SAMERegistrationModuleLib.scenario import runScenario  # noqa: E402
 
-TORCH_REQUIREMENT = ">=2.1"
+from SAMERegistrationLib.config import FEATURES, SPACING_RANGE_MM, STAGES  # noqa: E402
+
+DOCUMENTATION_URL = "https://github.com/SAMERegistration/SlicerSAMERegistration#in-3d-slicer"
 
 HELP_TEXT = """
 Registers a moving CT to a fixed CT with SAME++: correspondences from self-supervised anatomical
 embeddings (SAM, or MIND features without network weights), then affine, coarse and deformable
-stages and instance optimisation.
+stages and instance optimisation. Needs Slicer 5.10 or later and the PyTorch extension.
+<p>Documentation: <a href="{url}">{url}</a></p>
 <p>Results: a linear transform (the affine part) under a grid transform (the deformable part,
 stored in the resampling direction on the fixed grid). The moving volume is put under the linear
 transform; put other moving-space data (segmentations, models, points) under it too. Optional: the
 warped volume and segmentation on the fixed grid, the correspondences as two point lists (F-i in
 the fixed volume, M-i in the moving volume; similarity in each description, green when it is at
-least 0.9), and a displacement-magnitude or Jacobian volume for quality control.</p>
+least 0.9), and the inverse transform (moving to fixed, for fixed-space data). The run's report
+(versions, device, configuration) is kept on the linear transform (attribute
+SAMERegistration.Report) and saved with the scene. A displacement-magnitude or Jacobian
+volume for quality control is computed on demand (Inspect).</p>
 <p>The registration runs in a separate process; Apply turns into Cancel while it runs. Under
 Inspect, click a correspondence to jump to it, or find the match of any point of the moving
 volume.</p>
@@ -69,14 +78,19 @@ waitForCompletion=True)</code> returns the finished job, whose <code>outputs</co
 nodes.</p>
 """
 
-ACKNOWLEDGEMENT_TEXT = """
-This module implements the method of L. Tian, Z. Li, F. Liu, X. Bai, J. Ge, L. Lu, M. Niethammer,
-X. Ye, K. Yan and D. Jin, "SAME++: A medical image registration framework enhanced via
-self-supervised anatomical embeddings" (code: https://github.com/alibaba-damo-academy/same),
-building on SAM: K. Yan et al., "SAM: Self-supervised learning of pixel-wise anatomical
-embeddings in radiological images", IEEE Transactions on Medical Imaging, 2022. Please cite
-these papers when you use results of this module.
-"""
+# The same wording as the README ("In 3D Slicer"); a test keeps the two equal.
+CITATION = (
+    'L. Tian et al., "SAME++: A Self-supervised Anatomical eMbeddings Enhanced medical image '
+    'registration framework using stable sampling and regularized transformation"; K. Yan et al., '
+    '"SAM: Self-supervised Learning of Pixel-wise Anatomical Embeddings in Radiological Images"'
+)
+
+ACKNOWLEDGEMENT_TEXT = (
+    "This module implements SAME++ from its papers (public code: "
+    "https://github.com/alibaba-damo-academy/same). Please cite when you use its results: "
+    + CITATION
+    + "."
+)
 
 
 class SAMERegistration(ScriptedLoadableModule):
@@ -86,21 +100,19 @@ class SAMERegistration(ScriptedLoadableModule):
         self.parent.categories = [translate("qSlicerAbstractCoreModule", "Registration")]
         self.parent.dependencies = []
         self.parent.contributors = ["SAMERegistration developers"]
-        self.parent.helpText = _(HELP_TEXT)
+        self.parent.helpText = _(HELP_TEXT).format(url=DOCUMENTATION_URL)
         self.parent.acknowledgementText = _(ACKNOWLEDGEMENT_TEXT)
 
 
-class Features(enum.Enum):
-    AUTO = "auto"
-    SAM = "sam"
-    MIND = "mind"
+FEATURE_LABELS = {
+    "auto": _("Auto (SAM when its weights are available, else MIND)"),
+    "sam": _("SAM (anatomical embeddings)"),
+    "mind": _("MIND (no network weights)"),
+}
 
-    def label(self):
-        return {
-            "auto": _("Auto (SAM when its weights are available, else MIND)"),
-            "sam": _("SAM (anatomical embeddings)"),
-            "mind": _("MIND (no network weights)"),
-        }[self.value]
+# The choices are the library's (SAMERegistrationLib.config.FEATURES), with a label each.
+Features = enum.Enum("Features", [(name.upper(), name) for name in FEATURES])
+Features.label = lambda self: FEATURE_LABELS.get(self.value, self.value)
 
 
 class QaKind(enum.Enum):
@@ -124,7 +136,7 @@ class SAMERegistrationParameterNode:
     instanceStage: bool = True
     features: Features = Features.AUTO
     device: str = "auto"
-    workingSpacing: Annotated[float, WithinRange(0.25, 20.0)] = 2.0
+    workingSpacing: Annotated[float, WithinRange(*SPACING_RANGE_MM)] = 2.0
     similarityThreshold: Annotated[float, WithinRange(-1.0, 0.99)] = 0.7
     coarseIterations: Annotated[int, WithinRange(0, 10000)] = 100
     instanceIterations: Annotated[int, WithinRange(0, 10000)] = 50
@@ -137,13 +149,13 @@ class SAMERegistrationParameterNode:
     outputLabels: Union[vtkMRMLSegmentationNode, vtkMRMLLabelMapVolumeNode, None]  # noqa: UP007
     fixedPoints: vtkMRMLMarkupsFiducialNode
     movingPoints: vtkMRMLMarkupsFiducialNode
+    outputInverseTransform: vtkMRMLTransformNode
     qaVolume: vtkMRMLScalarVolumeNode
     qaKind: QaKind = QaKind.MAGNITUDE
 
-    def settings(self, device: str | None = None) -> RegistrationSettings:
-        stages = ("affine", "coarse", "deform", "instance")
+    def settings(self, device: Optional[str] = None) -> RegistrationSettings:  # noqa: UP045
         return RegistrationSettings(
-            stages=tuple(s for s in stages if getattr(self, f"{s}Stage")),
+            stages=tuple(s for s in STAGES if getattr(self, f"{s}Stage")),
             features=self.features.value,
             device=device or self.device,
             spacing=self.workingSpacing,
@@ -162,12 +174,11 @@ class SAMERegistrationParameterNode:
             self.outputLabels,
             self.fixedPoints,
             self.movingPoints,
-            self.qaVolume,
-            self.qaKind.value,
+            self.outputInverseTransform,
         )
 
 
-def _path(value) -> str | None:
+def _path(value) -> Optional[str]:  # noqa: UP045
     """A path parameter as a string; an empty path edit gives Path('.'), which means none."""
     text = str(value) if value is not None else ""
     return text if text not in ("", ".") else None
@@ -182,6 +193,7 @@ class SAMERegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNodeGuiTag = None
         self._timer = None
         self._queryNode = None
+        self._placement = None
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -209,6 +221,9 @@ class SAMERegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def cleanup(self) -> None:
         if self.logic and self.logic.job is not None:
             self.logic.job.cancel()
+        self.ui.findMatchButton.checked = False
+        if self.logic:
+            self.logic.stopWatching()
         self.removeObservers()
 
     def enter(self) -> None:
@@ -224,8 +239,9 @@ class SAMERegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             )
 
     def onSceneStartClose(self, caller, event) -> None:
-        if self.logic.job is not None:
-            self.logic.job.cancel()
+        # The logic cancels a running job and forgets the last run itself.
+        self.ui.findMatchButton.checked = False
+        self.ui.findMatchResultLabel.text = ""
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
@@ -310,11 +326,11 @@ class SAMERegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.statusLabel.text = _("Cancelling...")
             self.logic.job.cancel()
             return
-        if not self._ensureDependencies():
+        if not ensureDependencies(self.resourcePath("requirements.txt"), self.moduleName):
             return
         self._start()
 
-    def _start(self, device: str | None = None) -> None:
+    def _start(self, device: Optional[str] = None) -> None:  # noqa: UP045
         parameters = self._parameterNode
         self.ui.logTextEdit.clear()
         self.ui.statusLabel.text = _("Starting...")
@@ -334,8 +350,7 @@ class SAMERegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 outputLabels=outputs.labels,
                 outputFixedPoints=outputs.fixedPoints,
                 outputMovingPoints=outputs.movingPoints,
-                outputQaVolume=outputs.qaVolume,
-                qaKind=outputs.qaKind,
+                outputInverseTransform=outputs.inverseTransform,
                 onProgress=self._onProgress,
                 onLog=self.ui.logTextEdit.appendPlainText,
                 onFinished=self._onFinished,
@@ -367,10 +382,10 @@ class SAMERegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._timer.stop()
         self._updateApplyButton()
         parameters = self._parameterNode
-        if job.state == "cancelled":
-            self.ui.statusLabel.text = _("Cancelled: nothing was added to the scene.")
+        if job.state.value == "cancelled":
+            self.ui.statusLabel.text = job.error or _("Cancelled: nothing was added to the scene.")
             return
-        if job.state == "failed":
+        if job.state.value == "failed":
             self.ui.statusLabel.text = _("Failed: {error}").format(error=job.error)
             if job.deviceFailure and slicer.util.confirmYesNoDisplay(
                 _("{error}\n\nRun the registration on the CPU instead (slower)?").format(
@@ -402,78 +417,6 @@ class SAMERegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             background=job.inputs.fixed, foreground=job.inputs.moving, foregroundOpacity=0.5
         )
         self._fillCorrespondences(refill=True)
-
-    def _ensureDependencies(self) -> bool:
-        """PyTorch through the PyTorch extension, the rest from requirements.txt; ask first."""
-        if importlib.util.find_spec("torch") is None and not self._installPyTorch():
-            return False
-        requirements = self.resourcePath("requirements.txt")
-        try:
-            import slicer.packaging as packaging  # Slicer 5.12 and later
-        except ImportError:
-            packaging = None
-        with slicer.util.tryWithErrorDisplay(_("Installing Python packages failed.")):
-            if packaging is not None:
-                packaging.pip_ensure(
-                    packaging.load_requirements(requirements), requester=self.moduleName
-                )
-                return True
-            lines = [
-                line.split("#")[0].strip()
-                for line in Path(requirements).read_text().splitlines()
-                if line.split("#")[0].strip()
-            ]
-            missing = [
-                line
-                for line in lines
-                if importlib.util.find_spec(re.split(r"[<>=!~;\[ ]", line)[0].replace("-", "_"))
-                is None
-            ]
-            if missing and not slicer.util.confirmOkCancelDisplay(
-                _(
-                    "SAME Registration needs these Python packages: {packages}. Install them now?"
-                ).format(packages=", ".join(missing)),
-                windowTitle=_("Install Python packages"),
-            ):
-                return False
-            if missing:
-                slicer.util.pip_install(" ".join(missing))
-            return True
-        return False
-
-    def _installPyTorch(self) -> bool:
-        try:
-            import PyTorchUtils
-        except ModuleNotFoundError:
-            slicer.util.errorDisplay(
-                _(
-                    "SAME Registration needs PyTorch, which the 'PyTorch' extension provides. "
-                    "Install that extension with the Extensions Manager, restart Slicer and "
-                    "press Apply again."
-                )
-            )
-            return False
-        torchLogic = PyTorchUtils.PyTorchUtilsLogic()
-        if torchLogic.torchInstalled():
-            return True
-        if not slicer.util.confirmOkCancelDisplay(
-            _(
-                "SAME Registration runs on PyTorch, which is not installed yet.\n\n"
-                "Install it now? The PyTorch extension picks the build that suits this "
-                "computer's NVIDIA GPU, or the CPU build. The download is large (up to a few "
-                "GB) and can take several minutes."
-            ),
-            windowTitle=_("Install PyTorch"),
-        ):
-            return False
-        with slicer.util.tryWithErrorDisplay(_("Installing PyTorch failed."), waitCursor=True):
-            torch = torchLogic.installTorch(
-                askConfirmation=False, torchVersionRequirement=TORCH_REQUIREMENT
-            )
-            if torch is not None:
-                return True
-        slicer.util.errorDisplay(_("PyTorch was not installed; the registration cannot run."))
-        return False
 
     # ---- inspection ---------------------------------------------------------------------------
 
@@ -527,7 +470,6 @@ class SAMERegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         return node
 
     def onFindMatchToggled(self, checked: bool) -> None:
-        interaction = slicer.app.applicationLogic().GetInteractionNode()
         if self._queryNode is not None:
             self.removeObserver(
                 self._queryNode,
@@ -535,8 +477,10 @@ class SAMERegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.onQueryPlaced,
             )
             self._queryNode = None
+        if self._placement is not None:
+            self._placement.stop()
+            self._placement = None
         if not checked:
-            interaction.SetCurrentInteractionMode(interaction.ViewTransform)
             return
         moving = self._parameterNode.movingVolume
         if self.logic.lastRun is None or moving is None:
@@ -550,19 +494,20 @@ class SAMERegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.addObserver(
             query, slicer.vtkMRMLMarkupsNode.PointPositionDefinedEvent, self.onQueryPlaced
         )
-        selection = slicer.app.applicationLogic().GetSelectionNode()
-        selection.SetActivePlaceNodeClassName("vtkMRMLMarkupsFiducialNode")
-        selection.SetActivePlaceNodeID(query.GetID())
-        interaction.SetPlaceModePersistence(1)
-        interaction.SetCurrentInteractionMode(interaction.Place)
+        applicationLogic = slicer.app.applicationLogic()
+        self._placement = FindMatchPlacement(
+            applicationLogic.GetSelectionNode(),
+            applicationLogic.GetInteractionNode(),
+            onLeft=lambda: setattr(self.ui.findMatchButton, "checked", False),
+        )
+        self._placement.start(query)
         self.ui.findMatchResultLabel.text = _("Click a point of the moving volume in a slice view.")
 
     def onQueryPlaced(self, caller, event) -> None:
         index = caller.GetNumberOfControlPoints() - 1
         label = f"Q-{index + 1}"
         caller.SetNthControlPointLabel(index, label)
-        self.ui.findMatchResultLabel.text = _("Searching (the first search computes features)...")
-        slicer.app.processEvents()
+        self.ui.findMatchResultLabel.text = _("Searching...")
         with slicer.util.tryWithErrorDisplay(_("No match was found."), waitCursor=True):
             fixedPosition, similarity = self.logic.findMatch(
                 caller.GetNthControlPointPosition(index)
@@ -586,6 +531,13 @@ class SAMERegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             slicer.util.errorDisplay(
                 _("Choose the fixed volume, the output transform and a QA volume (Outputs) first.")
             )
+            return
+        if not slicer.util.confirmOkCancelDisplay(
+            _("Compute the {kind} volume on the fixed grid? {cost}").format(
+                kind=parameters.qaKind.label(), cost=qaCostText(parameters.fixedVolume)
+            ),
+            windowTitle=_("Quality-control volume"),
+        ):
             return
         with slicer.util.tryWithErrorDisplay(_("Computing the QA volume failed."), waitCursor=True):
             self.logic.computeQaVolume(
@@ -616,19 +568,56 @@ class SAMERegistrationLogic(ScriptedLoadableModuleLogic, RegistrationLogic):
 
 
 class SAMERegistrationTest(ScriptedLoadableModuleTest):
-    """Registers a small synthetic pair it builds itself; the same scenario runs in the headless
-    pytest suite (Testing/test_slicer_module.py)."""
+    """The panel, built and driven without PyTorch (so the Extensions Index's build machines test
+    it), then a registration of a small synthetic pair where PyTorch is present; the same scenario
+    runs in the headless pytest suite (Testing/test_slicer_module.py)."""
 
     def setUp(self):
         slicer.mrmlScene.Clear()
 
     def runTest(self):
         self.setUp()
+        self.test_panelWithoutPyTorch()
+        self.setUp()
         self.test_registerSyntheticPair()
+
+    def test_panelWithoutPyTorch(self):
+        """Open the panel, choose volumes and check the Apply button's state and tooltip."""
+        from SAMERegistrationModuleLib.scenario import makeSyntheticPair
+
+        from SAMERegistrationLib import mrml
+
+        self.delayDisplay("Opening the SAME Registration panel")
+        slicer.util.selectModule("SAMERegistration")
+        widget = slicer.util.getModuleWidget("SAMERegistration")
+        parameters = widget._parameterNode
+        self.assertIsNotNone(parameters)
+        self.assertFalse(widget.ui.applyButton.enabled)
+        self.assertIn("No fixed volume", widget.ui.applyButton.toolTip)
+
+        pair = makeSyntheticPair()
+        fixed = mrml.update_volume_node_from_image(
+            slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "fixed"), pair.fixed
+        )
+        moving = mrml.update_volume_node_from_image(
+            slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "moving"), pair.moving
+        )
+        widget.ui.fixedVolumeSelector.setCurrentNode(fixed)
+        widget.ui.movingVolumeSelector.setCurrentNode(moving)
+        self.assertIs(parameters.fixedVolume, fixed)
+        self.assertIs(parameters.movingVolume, moving)
+        self.assertTrue(widget.ui.applyButton.enabled)
+        self.assertEqual(widget.ui.applyButton.text, "Apply")
+
+        widget.ui.movingVolumeSelector.setCurrentNode(fixed)  # the same volume twice
+        self.assertFalse(widget.ui.applyButton.enabled)
+        self.assertIn("both the fixed and the moving", widget.ui.applyButton.toolTip)
+        self.delayDisplay("Panel test passed")
 
     def test_registerSyntheticPair(self):
         if importlib.util.find_spec("torch") is None:
-            self.skipTest("PyTorch is not installed (install the PyTorch extension)")
+            self.delayDisplay("PyTorch is not installed: the registration scenario is not run")
+            return
         self.delayDisplay("Registering a synthetic CT pair (MIND features, CPU)")
         summary = runScenario(SAMERegistrationLogic(), slicer.mrmlScene)
         self.delayDisplay(

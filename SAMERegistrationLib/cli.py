@@ -78,6 +78,11 @@ def _common_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--seed", type=int, help="random seed (default 0)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    parser.add_argument(
+        "--save-feature-maps",
+        action="store_true",
+        help="also write both images' descriptors (feature_maps.npz) for a later match search",
+    )
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug messages")
     parser.add_argument(
@@ -216,7 +221,9 @@ def _register_and_write(args: argparse.Namespace):
         "fixed_labels": args.fixed_labels,
         "moving_labels": args.moving_labels,
     }
-    paths = write_outputs(result, args.output, moving, labels, inputs, args.overwrite)
+    paths = write_outputs(
+        result, args.output, moving, labels, inputs, args.overwrite, args.save_feature_maps
+    )
     if args.progress == "json":
         print(json.dumps({"finished": True, "report": str(paths["report"])}), flush=True)
     else:

@@ -17,6 +17,8 @@ from .errors import ConfigError
 FEATURES = ("auto", "sam", "mind")
 DEVICES = ("auto", "cpu", "cuda")
 STAGES = ("affine", "coarse", "deform", "instance")
+STEPS = ("prepare", "features", "matching", "affine", "coarse", "deform", "instance", "finish")
+SPACING_RANGE_MM = (0.25, 20.0)
 
 
 @dataclass

@@ -18,9 +18,13 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
+from . import spatial
 from .errors import OutputError
+from .feature_export import FEATURE_MAPS_NAME, write_feature_maps
 from .matching import Matches
 from .result import RegistrationResult
+
+DEFORMABLE_SLAB_VOXELS = 2_000_000  # fixed-grid voxels sampled at once for deformable.*
 
 
 def output_names(config_export) -> dict[str, str]:
@@ -28,6 +32,7 @@ def output_names(config_export) -> dict[str, str]:
     return {
         "affine": "affine.tfm",
         "transform": f"transform.{config_export.field_format}",
+        "deformable": f"deformable.{config_export.field_format}",
         "warped": f"warped_moving.{config_export.image_format}",
         "warped_labels": f"warped_moving_labels.{config_export.image_format}",
         "matches_csv": "matches.csv",
@@ -72,17 +77,27 @@ def write_outputs(
     moving_labels: sitk.Image | None = None,
     inputs: dict | None = None,
     overwrite: bool = False,
+    feature_maps: bool = False,
 ) -> dict[str, Path]:
-    """Write transforms, warped images, correspondences and the report; return the paths."""
+    """Write transforms, warped images, correspondences and the report; return the paths.
+
+    ``feature_maps`` also writes the descriptors of both images (feature_maps.npz), which the
+    Slicer module's match search reads without PyTorch.
+    """
     names = output_names(result.config.export)
     if moving_labels is None:
         names.pop("warped_labels")
+    if feature_maps:
+        names["feature_maps"] = FEATURE_MAPS_NAME
     folder = check_output_folder(folder, list(names.values()), overwrite)
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.partial-", dir=folder.parent))
     try:
         sitk.WriteTransform(result.affine_transform(), str(staging / names["affine"]))
         _write_field(result, staging / names["transform"])
+        write_deformable(result, staging / names["deformable"])
+        if feature_maps:
+            write_feature_maps(result, staging / names["feature_maps"])
         sitk.WriteImage(result.warp(moving), str(staging / names["warped"]), useCompression=True)
         if moving_labels is not None:
             warped = result.warped_labels or result.warp(moving_labels, labels=True)
@@ -106,6 +121,29 @@ def _write_field(result: RegistrationResult, path: Path) -> None:
     else:
         field = sitk.Cast(result.displacement_image(), sitk.sitkVectorFloat32)
         sitk.WriteImage(field, str(path), useCompression=True)
+
+
+def write_deformable(result: RegistrationResult, path: Path) -> None:
+    """The deformable part ``u`` alone on the fixed grid (float32, LPS mm): with the affine A of
+    affine.tfm the whole map is ``p -> A (p + u(p))``, so a viewer loads the two parts as they are.
+    """
+    grid = result.fixed_grid
+    dense = torch.as_tensor(result.dense, dtype=torch.float32)[None]
+    out = np.empty((*grid.shape, 3), dtype=np.float32)
+    rows = max(1, DEFORMABLE_SLAB_VOXELS // (grid.shape[1] * grid.shape[2]))
+    y, x = np.meshgrid(np.arange(grid.shape[1]), np.arange(grid.shape[2]), indexing="ij")
+    for z0 in range(0, grid.shape[0], rows):
+        z = np.arange(z0, min(z0 + rows, grid.shape[0]))
+        index = np.stack(np.broadcast_arrays(x[None], y[None], z[:, None, None]), axis=-1)
+        points = torch.as_tensor(grid.index_to_physical(index.reshape(-1, 3)), dtype=torch.float32)
+        u = spatial.sample_points(dense, result.working_grid, points)
+        out[z0 : z0 + len(z)] = u.numpy().reshape(len(z), *x.shape, 3)
+    image = grid.apply_to(sitk.GetImageFromArray(out, isVector=True))
+    if path.name.endswith(".h5"):
+        image = sitk.Cast(image, sitk.sitkVectorFloat64)  # ITK's field transform holds doubles
+        sitk.WriteTransform(sitk.DisplacementFieldTransform(image), str(path))
+    else:
+        sitk.WriteImage(image, str(path), useCompression=True)
 
 
 def write_matches_csv(matches: Matches, path: Path) -> None:

@@ -82,8 +82,8 @@ def set_affine(node, affine_lps: np.ndarray) -> None:
     node.SetMatrixTransformFromParent(_vtk_matrix(matrix_lps_to_ras(affine_lps)))
 
 
-def set_displacement(node, displacement_lps: np.ndarray, grid: Grid) -> None:
-    """Store a dense displacement in a grid transform node as FromParent = identity + u.
+def grid_transform_from_array(displacement_lps: np.ndarray, grid: Grid):
+    """A vtkOrientedGridTransform (RAS) holding a dense displacement, to be set as FromParent.
 
     ``displacement_lps`` is (z, y, x, 3), LPS mm, sampled on ``grid`` (fixed space). Vectors,
     origin and direction are flipped to RAS; the vectors are not rotated by the grid direction.
@@ -92,7 +92,7 @@ def set_displacement(node, displacement_lps: np.ndarray, grid: Grid) -> None:
     import vtk
     from vtk.util import numpy_support
 
-    vectors = np.asarray(displacement_lps, dtype=np.float64).reshape(-1, 3) * np.diag(FLIP)
+    vectors = np.asarray(displacement_lps, dtype=np.float32).reshape(-1, 3) * np.diag(FLIP)
     data = vtk.vtkImageData()
     data.SetDimensions(grid.size_xyz)
     data.SetSpacing(grid.spacing)
@@ -106,28 +106,38 @@ def set_displacement(node, displacement_lps: np.ndarray, grid: Grid) -> None:
     transform.SetDisplacementGridData(data)
     transform.SetGridDirectionMatrix(_vtk_matrix(direction))
     transform.SetInterpolationModeToLinear()
-    node.SetAndObserveTransformFromParent(transform)
+    return transform
 
 
-def dense_from_total(total_lps: sitk.Image, affine_lps: np.ndarray) -> tuple[np.ndarray, Grid]:
-    """The dense part ``u`` of a map given whole, ``t(p) = A (p + u(p)) - p``, on the same grid.
+def set_displacement(node, displacement_lps: np.ndarray, grid: Grid) -> None:
+    """Store a dense displacement (see grid_transform_from_array) in a grid transform node as
+    FromParent = identity + u."""
+    node.SetAndObserveTransformFromParent(grid_transform_from_array(displacement_lps, grid))
 
-    Returns (z, y, x, 3) float32 LPS mm: ``u = A^-1 (p + t) - p``, computed in slabs.
+
+def read_affine(path) -> np.ndarray:
+    """The 4x4 fixed -> moving matrix (LPS) of the library's affine.tfm."""
+    return affine_from_sitk(sitk.ReadTransform(str(path)))
+
+
+def read_deformable(path):
+    """The library's deformable.* file (u on the fixed grid, LPS) as a vtkOrientedGridTransform
+    for FromParent (RAS), interpolated linearly as the library does.
+
+    Slicer's own transform reader does the LPS -> RAS conversion in C++: no per-voxel Python.
     """
-    grid = Grid.from_sitk(total_lps)
-    total = sitk.GetArrayViewFromImage(total_lps)
-    inverse = np.linalg.inv(np.asarray(affine_lps, dtype=np.float64))
-    dense = np.empty(total.shape, dtype=np.float32)
-    rows = max(1, SLAB_VOXELS // (grid.shape[1] * grid.shape[2]))
-    y, x = np.meshgrid(np.arange(grid.shape[1]), np.arange(grid.shape[2]), indexing="ij")
-    for z0 in range(0, grid.shape[0], rows):
-        z = np.arange(z0, min(z0 + rows, grid.shape[0]))
-        index = np.stack(np.broadcast_arrays(x[None], y[None], z[:, None, None]), axis=-1)
-        points = grid.index_to_physical(index.reshape(-1, 3))
-        moved = points + total[z0 : z0 + len(z)].reshape(-1, 3)
-        source = moved @ inverse[:3, :3].T + inverse[:3, 3]
-        dense[z0 : z0 + len(z)] = (source - points).reshape(len(z), *x.shape, 3)
-    return dense, grid
+    import slicer
+
+    node = slicer.vtkMRMLGridTransformNode()  # never added to a scene
+    storage = slicer.vtkMRMLTransformStorageNode()
+    storage.SetFileName(str(path))
+    if not storage.ReadData(node):
+        raise OSError(f"The deformable transform '{path}' could not be read.")
+    transform = node.GetTransformFromParentAs("vtkOrientedGridTransform")
+    if transform is None:
+        raise OSError(f"'{path}' holds no displacement field.")
+    transform.SetInterpolationModeToLinear()
+    return transform
 
 
 def affine_from_sitk(transform: sitk.Transform) -> np.ndarray:
@@ -149,30 +159,34 @@ def transform_parts_from_result(result) -> tuple[np.ndarray, np.ndarray, Grid]:
 
 
 def transform_parts_from_files(
-    affine_path, field_path=None
+    affine_path, deformable_path=None
 ) -> tuple[np.ndarray, np.ndarray | None, Grid | None]:
-    """The same from the library's output files: affine.tfm and, for a deformable run, the whole
-    map as a displacement field (transform.nii.gz), from which the dense part is recovered."""
-    affine = affine_from_sitk(sitk.ReadTransform(str(affine_path)))
-    if field_path is None:
+    """The same from the library's output files: affine.tfm and, for a deformable run, the
+    deformable part alone on the fixed grid (deformable.*)."""
+    affine = read_affine(affine_path)
+    if deformable_path is None:
         return affine, None, None
-    dense, grid = dense_from_total(sitk.ReadImage(str(field_path)), affine)
-    return affine, dense, grid
+    if str(deformable_path).endswith(".h5"):
+        transform = sitk.DisplacementFieldTransform(sitk.ReadTransform(str(deformable_path)))
+        image = transform.GetDisplacementField()
+    else:
+        image = sitk.ReadImage(str(deformable_path))
+    return affine, sitk.GetArrayFromImage(image).astype(np.float32), Grid.from_sitk(image)
 
 
-def set_registration(
-    linear, affine_lps: np.ndarray, grid_node=None, dense_lps=None, grid: Grid | None = None
-) -> None:
+def set_registration(linear, affine_lps: np.ndarray, grid_node=None, deformable=None) -> None:
     """Put a registration ``p -> A (p + u(p))`` into transform nodes, nested as explained above.
 
-    ``linear`` gets A; with a dense part, ``grid_node`` gets u and ``linear`` is placed under it,
-    ``grid_node`` under the world. Without one, ``linear`` is placed under the world.
+    ``linear`` gets A; with a deformable part (a vtkOrientedGridTransform of u, see
+    grid_transform_from_array and read_deformable), ``grid_node`` gets it as FromParent and
+    ``linear`` is placed under it, ``grid_node`` under the world. Without one, ``linear`` is
+    placed under the world.
     """
     set_affine(linear, affine_lps)
-    if dense_lps is None:
+    if deformable is None:
         linear.SetAndObserveTransformNodeID(None)
         return
-    set_displacement(grid_node, dense_lps, grid)
+    grid_node.SetAndObserveTransformFromParent(deformable)
     grid_node.SetAndObserveTransformNodeID(None)
     linear.SetAndObserveTransformNodeID(grid_node.GetID())
 
@@ -210,33 +224,6 @@ def set_matches(
         display.SetColor(0.95, 0.55, 0.1)  # unselected = below HIGH_SIMILARITY: orange
 
 
-def resample_to_reference(moving, fixed, output) -> None:
-    """Resample ``moving`` through its parent transforms onto the grid of ``fixed`` into ``output``.
-
-    Uses Slicer's ResampleVolumeToReferenceVolume (which keeps the reference geometry, unlike
-    hardening the transform), then moves the voxels into the chosen output node.
-    """
-    import slicer
-    import vtk
-
-    scene = moving.GetScene()
-    resampled = slicer.vtkSlicerVolumesLogic.ResampleVolumeToReferenceVolume(moving, fixed)
-    if resampled is None:
-        raise RuntimeError(f"Slicer could not resample '{moving.GetName()}' onto the fixed grid.")
-    try:
-        matrix = vtk.vtkMatrix4x4()
-        resampled.GetIJKToRASMatrix(matrix)
-        with slicer.util.NodeModify(output):
-            output.SetIJKToRASMatrix(matrix)
-            image = vtk.vtkImageData()
-            image.DeepCopy(resampled.GetImageData())
-            output.SetAndObserveImageData(image)
-            output.SetAndObserveTransformNodeID(None)
-    finally:
-        if resampled.GetScene() is not None:
-            scene.RemoveNode(resampled)
-
-
 def map_points_through(
     transform_node, points_ras: np.ndarray, to_world: bool = False
 ) -> np.ndarray:
@@ -260,35 +247,50 @@ def map_points_through(
     return numpy_support.vtk_to_numpy(target.GetData()).astype(np.float64).reshape(-1, 3)
 
 
+QA_SECONDS_PER_MVOXEL = 1.0  # measured: about 8 s for 8 M voxels on a 2-core machine
+
+
+def qa_cost(reference) -> tuple[int, float, float]:
+    """Voxels, estimated seconds and peak extra memory (MB) of a QA volume on ``reference``."""
+    voxels = int(np.prod(reference.GetImageData().GetDimensions()))
+    slab_mb = min(voxels, SLAB_VOXELS) * 3 * 4 * 14 / 1e6  # points, field, gradients (float32)
+    return voxels, voxels / 1e6 * QA_SECONDS_PER_MVOXEL, voxels * 4 / 1e6 + slab_mb
+
+
 def displacement_qa_image(transform_node, reference, kind: str = "magnitude") -> sitk.Image:
     """A quality-control image on the grid of ``reference``: displacement magnitude or Jacobian.
 
     ``magnitude``: length (mm) of the displacement from each voxel to where the transform under
     ``transform_node`` fetches it; ``jacobian``: the determinant of that map's Jacobian (below 0
-    means folding; 1 keeps volume).
+    means folding; 1 keeps volume). Computed in float32 slabs, so the memory stays bounded.
     """
     if kind not in ("magnitude", "jacobian"):
         raise ValueError(f"kind must be 'magnitude' or 'jacobian', not '{kind}'.")
     grid = grid_from_volume_node(reference)
     ijk_to_ras = LPS_TO_RAS @ grid.index_to_physical_matrix()
-    displacement = np.empty((*grid.shape, 3), dtype=np.float32)
+    to_index = np.linalg.inv(ijk_to_ras[:3, :3]).astype(np.float32)
+    depth = grid.shape[0]
+    values = np.empty(grid.shape, dtype=np.float32)
     rows = max(1, SLAB_VOXELS // (grid.shape[1] * grid.shape[2]))
     y, x = np.meshgrid(np.arange(grid.shape[1]), np.arange(grid.shape[2]), indexing="ij")
-    for z0 in range(0, grid.shape[0], rows):
-        z = np.arange(z0, min(z0 + rows, grid.shape[0]))
+    for z0 in range(0, depth, rows):
+        z1 = min(z0 + rows, depth)
+        # One slice of halo on each side, so the gradient at the slab's faces is the whole one's.
+        lo, hi = (z0, z1) if kind == "magnitude" else (max(z0 - 1, 0), min(z1 + 1, depth))
+        z = np.arange(lo, hi)
         index = np.stack(np.broadcast_arrays(x[None], y[None], z[:, None, None]), axis=-1)
         points = index.reshape(-1, 3) @ ijk_to_ras[:3, :3].T + ijk_to_ras[:3, 3]
         moved = map_points_through(transform_node, points)
-        displacement[z0 : z0 + len(z)] = (moved - points).reshape(len(z), *x.shape, 3)
-    if kind == "magnitude":
-        values = np.linalg.norm(displacement, axis=-1)
-    else:
+        displacement = (moved - points).astype(np.float32).reshape(len(z), *x.shape, 3)
+        inner = slice(z0 - lo, z0 - lo + (z1 - z0))
+        if kind == "magnitude":
+            values[z0:z1] = np.linalg.norm(displacement, axis=-1)
+            continue
         # d(displacement)/d(index) per axis (x, y, z), then to physical with the inverse of
         # direction * spacing; the LPS/RAS flip cancels in the determinant.
-        gradients = np.stack(
-            [np.gradient(displacement, axis=a) for a in (2, 1, 0)], axis=-1
-        )  # (z, y, x, 3 components, 3 index axes)
-        to_index = np.linalg.inv(ijk_to_ras[:3, :3])
-        jacobian = gradients @ to_index + np.eye(3)
-        values = np.linalg.det(jacobian)
-    return grid.apply_to(sitk.GetImageFromArray(values.astype(np.float32)))
+        axes = [a for a in (2, 1, 0) if displacement.shape[a] > 1]
+        gradients = np.zeros((*displacement[inner].shape, 3), dtype=np.float32)
+        for a in axes:
+            gradients[..., 2 - a] = np.gradient(displacement, axis=a)[inner]
+        values[z0:z1] = np.linalg.det(gradients @ to_index + np.eye(3, dtype=np.float32))
+    return grid.apply_to(sitk.GetImageFromArray(values))

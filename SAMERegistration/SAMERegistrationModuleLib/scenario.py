@@ -68,7 +68,7 @@ def runScenario(logic, scene) -> dict:
     job = logic.register(fixed, moving, labels, waitForCompletion=True, **outputs, **SETTINGS)
 
     linear, grid = job.outputs.transform, job.outputs.gridTransform
-    _require(job.state == "completed", f"the run ended as {job.state}: {job.error}")
+    _require(job.state.value == "completed", f"the run ended as {job.state}: {job.error}")
     _require(linear is not None and linear.IsA("vtkMRMLLinearTransformNode"), "no linear node")
     _require(grid is not None and grid.IsA("vtkMRMLGridTransformNode"), "no grid node")
     _require(linear.GetParentTransformNode() is grid, "the linear node is not under the grid")
