@@ -166,7 +166,7 @@ def check_label_values(labels: sitk.Image, name: str) -> None:
     low, high = float(array.min()), float(array.max())
     if low < 0 or high > MAX_LABEL:
         raise InputError(
-            f"The {name} has label values from {low:g} to {high:g}; labels must be whole numbers "
-            f"from 0 (background) to {MAX_LABEL}. Renumber the labels (for example with "
+            f"The {name} has label values from {low:.15g} to {high:.15g}; labels must be whole "
+            f"numbers from 0 (background) to {MAX_LABEL}. Renumber the labels (for example with "
             "SimpleITK's ChangeLabel) and run again."
         )
