@@ -41,18 +41,21 @@ def main(argv: list[str] | None = None) -> int:
         parser = _register_parser()
         args = parser.parse_args(argv)
         action = _run_register
+    from .progress_display import TqdmLogHandler
+
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",
+        handlers=[TqdmLogHandler()],
     )
     try:
         return action(args)
     except SameRegistrationError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM while the output folder is claimed
         print("interrupted: nothing was written.", file=sys.stderr)
-        return 130
+        return 128 + getattr(err, "signum", 2)
 
 
 def _common_options(parser: argparse.ArgumentParser) -> None:
@@ -159,63 +162,44 @@ def _json_progress(stage: str, done: int, total: int) -> None:
     print(json.dumps({"stage": stage, "done": done, "total": total}), flush=True)
 
 
-class _ProgressBars:
-    """One tqdm bar per stage, on standard error."""
-
-    def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled
-        self.stage: str | None = None
-        self.bar = None
-
-    def __call__(self, stage: str, done: int, total: int) -> None:
-        if not self.enabled:
-            return
-        from tqdm import tqdm
-
-        if stage != self.stage:
-            self.close()
-            self.stage = stage
-            self.bar = tqdm(total=total, desc=f"{stage:>9}", leave=True, file=sys.stderr)
-        self.bar.total = total
-        self.bar.n = done
-        self.bar.refresh()
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
-
-
 def _run_register(args: argparse.Namespace) -> int:
     _register_and_write(args)
     return 0
 
 
-def _register_and_write(args: argparse.Namespace):
-    from .export import check_output_folder, output_names, write_outputs
-    from .image import check_ct, read_image
-    from .pipeline import register
+def _register_and_write(args: argparse.Namespace, inputs: dict | None = None):
+    from .export import output_names
+    from .output_folder import claim_output_folder
 
     config = build_config(args)
     names = output_names(config.export)
     if not args.moving_labels:
         names.pop("warped_labels")
-    check_output_folder(args.output, list(names.values()), args.overwrite)
+    with claim_output_folder(args.output, list(names.values()), args.overwrite):
+        return _register_and_write_claimed(args, config, inputs)
+
+
+def _register_and_write_claimed(args: argparse.Namespace, config, inputs: dict | None):
+    from .export import write_outputs
+    from .image import check_ct, read_image
+    from .pipeline import register
+    from .progress_display import StageProgress
+
     if args.progress == "json":
         bars = _json_progress
     else:
-        bars = _ProgressBars(args.progress == "bars" and not args.quiet)
+        bars = StageProgress(args.progress == "bars" and not args.quiet)
     started = time.perf_counter()
     try:
         result = register(
             args.fixed, args.moving, config, args.fixed_labels, args.moving_labels, progress=bars
         )
     finally:
-        if isinstance(bars, _ProgressBars):
+        if isinstance(bars, StageProgress):
             bars.close()
     moving = check_ct(read_image(args.moving, "moving image"), "moving image")
     labels = read_image(args.moving_labels, "moving label map") if args.moving_labels else None
-    inputs = {
+    inputs = inputs or {
         "fixed": args.fixed,
         "moving": args.moving,
         "fixed_labels": args.fixed_labels,
@@ -249,31 +233,23 @@ def _print_summary(result, paths: dict, seconds: float) -> None:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    import tempfile
-
     import SimpleITK as sitk
 
     from .evaluate import target_registration_error
-    from .export import check_output_folder
+    from .output_folder import claim_output_folder
     from .synthetic import demo_pair
 
-    check_output_folder(args.output, ["fixed.nii.gz", "moving.nii.gz"], args.overwrite)
-    pair = demo_pair(seed=args.seed or 0)
-    with tempfile.TemporaryDirectory() as tmp:
-        files = {}
-        for name, image in (
-            ("fixed", pair.fixed),
-            ("moving", pair.moving),
-            ("fixed_labels", pair.fixed_labels),
-            ("moving_labels", pair.moving_labels),
-        ):
-            files[name] = str(Path(tmp) / f"{name}.nii.gz")
-            sitk.WriteImage(image, files[name])
-        args.fixed, args.moving = files["fixed"], files["moving"]
-        args.fixed_labels, args.moving_labels = files["fixed_labels"], files["moving_labels"]
-        result = _register_and_write(args)
-        for name in ("fixed", "moving", "fixed_labels", "moving_labels"):
-            Path(files[name]).replace(Path(args.output) / f"{name}.nii.gz")
+    images = ("fixed", "moving", "fixed_labels", "moving_labels")
+    files = [f"{name}.nii.gz" for name in images]
+    with claim_output_folder(args.output, files, args.overwrite) as claim:
+        pair = demo_pair(seed=args.seed or 0)
+        for name, file in zip(images, files):
+            sitk.WriteImage(getattr(pair, name), str(claim.staging / file))
+        for name, file in zip(images, files):
+            setattr(args, name, str(claim.staging / file))
+        inputs = {name: str(Path(args.output) / file) for name, file in zip(images, files)}
+        result = _register_and_write(args, inputs)
+        claim.commit(files)
     # The demo knows the true map: report the error at points spread over the fixed body.
     body = np.argwhere(sitk.GetArrayFromImage(pair.fixed) > -500)[::97][:, ::-1]
     points = [pair.fixed.TransformContinuousIndexToPhysicalPoint(p.tolist()) for p in body]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -148,46 +149,25 @@ class RegistrationConfig:
         radii = self.affine.refine_radii_mm
         if radii is not None and (
             not isinstance(radii, list)
-            or not all(
-                isinstance(r, int | float) and not isinstance(r, bool) and r > 0 for r in radii
-            )
+            or not all(_is_number(r) and math.isfinite(r) and r > 0 for r in radii)
         ):
             raise ConfigError("affine.refine_radii_mm must be a list of positive numbers (mm).")
-        if not 0.25 <= self.working_spacing_mm <= 20:
-            raise ConfigError("working_spacing_mm must lie between 0.25 and 20 mm.")
-        if not -1.0 <= self.matching.similarity_threshold < 1.0:
-            raise ConfigError("matching.similarity_threshold must lie in [-1, 1).")
-        positive = {
-            "matching.grid_stride": self.matching.grid_stride,
-            "matching.cycle_rounds": self.matching.cycle_rounds,
-            "matching.chunk_memory_mb": self.matching.chunk_memory_mb,
-            "coarse.grid_divisor": self.coarse.grid_divisor,
-            "affine.min_matches": self.affine.min_matches,
-        }
-        for name, value in positive.items():
-            if value <= 0:
-                raise ConfigError(f"{name} must be positive, not {value}.")
-        non_negative = {
-            "coarse.iterations": self.coarse.iterations,
-            "coarse.smoothness": self.coarse.smoothness,
-            "instance.iterations": self.instance.iterations,
-            "instance.smoothing_passes": self.instance.smoothing_passes,
-            "instance.smoothness": self.instance.smoothness,
-            "instance.learning_rate": self.instance.learning_rate,
-            "affine.outlier_factor": self.affine.outlier_factor,
-            "matching.search_radius_mm": self.matching.search_radius_mm,
-            "matching.min_match_share": self.matching.min_match_share,
-            "coarse.rematch_radius_mm": self.coarse.rematch_radius_mm,
-        }
-        for name, value in non_negative.items():
-            if value is not None and value < 0:
-                raise ConfigError(f"{name} must not be negative, not {value}.")
-        if self.instance.cost_stride is not None and self.instance.cost_stride < 1:
-            raise ConfigError("instance.cost_stride must be at least 1.")
+        defaults = RegistrationConfig()
+        for key, low, high, low_open, high_open in NUMERIC_RANGES:
+            value = self._value(key)
+            if value is None and defaults._value(key) is None:
+                continue  # a feature-dependent default, filled in by resolved_for
+            _check_range(key, value, low, high, low_open, high_open)
         if self.export.field_format not in ("nii.gz", "nrrd", "mha", "h5"):
             raise ConfigError("export.field_format must be nii.gz, nrrd, mha or h5.")
         if self.export.image_format not in ("nii.gz", "nrrd", "mha"):
             raise ConfigError("export.image_format must be nii.gz, nrrd or mha.")
+
+    def _value(self, key: str) -> Any:
+        node = self
+        for part in key.split("."):
+            node = getattr(node, part)
+        return node
 
     def stage_enabled(self, stage: str) -> bool:
         return getattr(self, stage).enabled
@@ -201,6 +181,52 @@ class RegistrationConfig:
             if current[section][name] is None:
                 changes[key] = value
         return self.with_overrides(changes) if changes else self
+
+
+# Every numeric setting: (key, low, high, low excluded, high excluded). NaN and infinity are never
+# valid; null only where the default is null (a feature-dependent default).
+NUMERIC_RANGES: tuple[tuple[str, float, float, bool, bool], ...] = (
+    ("working_spacing_mm", 0.25, 20.0, False, False),
+    ("seed", 0, 2**32 - 1, False, False),
+    ("matching.grid_stride", 1, math.inf, False, True),
+    ("matching.cycle_rounds", 1, math.inf, False, True),
+    ("matching.similarity_threshold", -1.0, 1.0, False, True),
+    ("matching.search_radius_mm", 0.0, math.inf, False, True),
+    ("matching.chunk_memory_mb", 0.0, math.inf, True, True),
+    ("matching.min_match_share", 0.0, 1.0, False, False),
+    ("affine.min_matches", 4, math.inf, False, True),
+    ("affine.outlier_factor", 0.0, math.inf, False, True),
+    ("coarse.grid_divisor", 1, math.inf, False, True),
+    ("coarse.smoothness", 0.0, math.inf, False, True),
+    ("coarse.iterations", 0, math.inf, False, True),
+    ("coarse.learning_rate", 0.0, math.inf, True, True),
+    ("coarse.rematch_radius_mm", 0.0, math.inf, False, True),
+    ("instance.iterations", 0, math.inf, False, True),
+    ("instance.learning_rate", 0.0, math.inf, True, True),
+    ("instance.smoothness", 0.0, math.inf, False, True),
+    ("instance.smoothing_passes", 0, math.inf, False, True),
+    ("instance.cost_stride", 1, math.inf, False, True),
+)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _check_range(
+    key: str, value: Any, low: float, high: float, low_open: bool, high_open: bool
+) -> None:
+    if not _is_number(value) or not math.isfinite(value):
+        raise ConfigError(f"{key} must be a finite number, not {value!r}.")
+    too_low = value <= low if low_open else value < low
+    too_high = value >= high if high_open else value > high
+    if too_low or too_high:
+        if math.isinf(high):
+            allowed = f"greater than {low:g}" if low_open else f"at least {low:g}"
+        else:
+            left, right = "(" if low_open else "[", ")" if high_open else "]"
+            allowed = f"in {left}{low:.10g}, {high:.10g}{right}"
+        raise ConfigError(f"{key} must be {allowed}, not {value!r}.")
 
 
 # Settings that depend on the features. SAM: the paper's values (SAM embeddings are unique across

@@ -1,8 +1,8 @@
 """Writing a registration to a folder that 3D Slicer, SimpleITK and ITK-SNAP open unchanged.
 
-Everything is first written to a hidden staging folder beside the output folder and moved in only
-when all files are complete, so a failure never leaves partial results, and existing files are
-never replaced unless the caller allows it.
+Everything is first written to a hidden staging folder inside the output folder and moved in only
+when all files are complete (``output_folder``), so a failure never leaves partial results, and
+existing files are never replaced unless the caller allows it.
 """
 
 from __future__ import annotations
@@ -10,8 +10,6 @@ from __future__ import annotations
 import csv
 import json
 import platform
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -19,9 +17,9 @@ import SimpleITK as sitk
 import torch
 
 from . import spatial
-from .errors import OutputError
 from .feature_export import FEATURE_MAPS_NAME, write_feature_maps
 from .matching import Matches
+from .output_folder import claim_output_folder
 from .result import RegistrationResult
 
 DEFORMABLE_SLAB_VOXELS = 2_000_000  # fixed-grid voxels sampled at once for deformable.*
@@ -40,34 +38,6 @@ def output_names(config_export) -> dict[str, str]:
         "matches_moving": "matches_moving.mrk.json",
         "report": "report.json",
     }
-
-
-def check_output_folder(folder: str | Path, names: list[str], overwrite: bool = False) -> Path:
-    """Fail early when the folder cannot take the outputs without losing existing data."""
-    folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise OutputError(f"The output path '{folder}' is a file, not a folder. Choose a folder.")
-    if folder.is_dir() and not overwrite:
-        clashes = [n for n in names if (folder / n).exists()]
-        if clashes:
-            raise OutputError(
-                f"The output folder '{folder}' already holds {', '.join(clashes)}. Choose another "
-                "folder, or pass --overwrite to replace these files."
-            )
-    parent = folder.parent if not folder.exists() else folder
-    while not parent.exists():
-        parent = parent.parent
-    if not _writable(parent):
-        raise OutputError(f"The output folder '{folder}' cannot be written (no permission).")
-    return folder
-
-
-def _writable(folder: Path) -> bool:
-    try:
-        with tempfile.TemporaryFile(dir=folder):
-            return True
-    except OSError:
-        return False
 
 
 def write_outputs(
@@ -89,10 +59,8 @@ def write_outputs(
         names.pop("warped_labels")
     if feature_maps:
         names["feature_maps"] = FEATURE_MAPS_NAME
-    folder = check_output_folder(folder, list(names.values()), overwrite)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.partial-", dir=folder.parent))
-    try:
+    with claim_output_folder(folder, list(names.values()), overwrite) as claim:
+        staging = claim.staging
         sitk.WriteTransform(result.affine_transform(), str(staging / names["affine"]))
         _write_field(result, staging / names["transform"])
         write_deformable(result, staging / names["deformable"])
@@ -107,12 +75,8 @@ def write_outputs(
         write_markups(result.matches, staging / names["matches_moving"], "moving")
         report = build_report(result, inputs or {}, names)
         (staging / names["report"]).write_text(json.dumps(report, indent=2, default=_json_default))
-        folder.mkdir(parents=True, exist_ok=True)
-        for name in names.values():
-            (staging / name).replace(folder / name)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return {role: folder / name for role, name in names.items()}
+        claim.commit(list(names.values()), report=names["report"])
+    return {role: Path(folder) / name for role, name in names.items()}
 
 
 def _write_field(result: RegistrationResult, path: Path) -> None:

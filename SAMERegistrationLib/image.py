@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from .checks import check_label_values, check_nifti_finite, check_plausible_ct
 from .errors import InputError
 from .grid import Grid, axis_aligned_grid_covering
 
@@ -37,13 +38,15 @@ def read_image(source: ImageLike, what: str = "image") -> sitk.Image:
     try:
         if path.is_dir():
             return _read_dicom_folder(path, what)
-        return sitk.ReadImage(str(path))
+        image = sitk.ReadImage(str(path))
     except RuntimeError as err:
         reason = str(err).strip().splitlines()[-1] if str(err).strip() else "unknown reason"
         raise InputError(
             f"The {what} '{path}' could not be read as an image ({reason}). Give a NIfTI, NRRD, "
             "MHA or other file SimpleITK reads, or a folder holding one DICOM series."
         ) from err
+    check_nifti_finite(path, what)
+    return image
 
 
 def _read_dicom_folder(folder: Path, what: str) -> sitk.Image:
@@ -101,11 +104,12 @@ def check_ct(image: sitk.Image, name: str) -> sitk.Image:
             f"The {name} is constant (every voxel is {float(array.min()):g}); there is nothing to "
             "register. Check that the right file was given."
         )
+    check_plausible_ct(image, name)
     return image
 
 
 def check_labels(labels: sitk.Image, image: sitk.Image, name: str) -> sitk.Image:
-    """A label map must be integral and sit on exactly the grid of its image."""
+    """A label map must hold labels 0..2**31-1 on exactly the grid of its image; kept as given."""
     if labels.GetNumberOfComponentsPerPixel() != 1 or labels.GetDimension() != 3:
         raise InputError(f"The {name} must be a 3-D scalar label map.")
     label_grid, image_grid = Grid.from_sitk(labels), Grid.from_sitk(image)
@@ -115,12 +119,8 @@ def check_labels(labels: sitk.Image, image: sitk.Image, name: str) -> sitk.Image
             f"image {image_grid.describe()}. Resample the labels onto the image grid (nearest "
             "neighbour) or give the label map made for this image."
         )
-    array = sitk.GetArrayViewFromImage(labels)
-    if np.issubdtype(array.dtype, np.floating) and (
-        not np.all(np.isfinite(array)) or not np.array_equal(array, np.round(array))
-    ):
-        raise InputError(f"The {name} has non-integer values; give an integer label map.")
-    return sitk.Cast(labels, sitk.sitkUInt16)
+    check_label_values(labels, name)
+    return labels
 
 
 @dataclass

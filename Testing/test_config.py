@@ -44,3 +44,58 @@ def test_invalid_json_file_names_the_file(tmp_path):
     path.write_text("{not json")
     with pytest.raises(ConfigError, match="broken.json"):
         RegistrationConfig.from_json(path)
+
+
+def _numeric_keys(node: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for name, value in node.items():
+        if isinstance(value, dict):
+            keys += _numeric_keys(value, f"{prefix}{name}.")
+        elif value is None or (isinstance(value, int | float) and not isinstance(value, bool)):
+            keys.append(prefix + name)
+    return keys
+
+
+NUMERIC_KEYS = [
+    k for k in _numeric_keys(RegistrationConfig().to_dict()) if k not in ("sam_weights",)
+]
+
+
+def test_every_numeric_setting_is_covered_by_the_checks():
+    from SAMERegistrationLib.config import NUMERIC_RANGES
+
+    checked = {key for key, *_ in NUMERIC_RANGES} | {"affine.refine_radii_mm"}
+    paths = {"deform.weights"}  # null defaults that are paths, not numbers
+    assert set(NUMERIC_KEYS) - paths == checked
+
+
+@pytest.mark.parametrize("key", [k for k in NUMERIC_KEYS if k != "deform.weights"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_values_are_refused_for_every_numeric_setting(key, value):
+    if key == "affine.refine_radii_mm":
+        value = [value]
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        RegistrationConfig().with_overrides({key: value})
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [("coarse.learning_rate", 0.0, "greater than 0"), ("instance.learning_rate", -0.01, "greater"),
+     ("seed", -1, "in [0, 4294967295]"), ("matching.min_match_share", 1.5, "in [0, 1]"),
+     ("affine.min_matches", 3, "at least 4"), ("instance.cost_stride", 0, "at least 1"),
+     ("coarse.iterations", -5, "at least 0"), ("coarse.learning_rate", None, "finite number")],
+)  # fmt: skip
+def test_out_of_range_values_name_the_range(key, value, message):
+    with pytest.raises(ConfigError) as caught:
+        RegistrationConfig().with_overrides({key: value})
+    assert key in str(caught.value) and message in str(caught.value)
+
+
+def test_nan_learning_rate_from_the_command_line_is_refused_before_any_work(tmp_path, capsys):
+    from SAMERegistrationLib.cli import main
+
+    out = tmp_path / "out"
+    args = ["fixed.nii.gz", "moving.nii.gz", "-o", str(out), "--set", "coarse.learning_rate=NaN"]
+    assert main(args) == 2
+    assert "coarse.learning_rate must be a finite number" in capsys.readouterr().err
+    assert not out.exists()
