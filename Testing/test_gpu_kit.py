@@ -1,0 +1,114 @@
+"""The GPU kit (benchmarks/device) in its tiny mode: every part on the CPU, so it cannot rot.
+
+The data are two small phantoms packed by ``pack.py --synthetic`` (with their CPU results); the
+kit runs as on the GPU machine, in a child process, and its report is checked part by part.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from SAMERegistrationLib.features.sam_network import load_sam_checkpoint
+
+REPO = Path(__file__).resolve().parent.parent
+KIT = REPO / "benchmarks" / "device"
+BLOCK_SIMPLEITK = "import sys\nsys.modules['SimpleITK'] = None\n"
+
+
+def _run(command: list, env: dict | None = None, timeout: float = 600) -> None:
+    done = subprocess.run(
+        [str(c) for c in command],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def phantoms(tmp_path_factory) -> Path:
+    data = tmp_path_factory.mktemp("kit-data")
+    _run([sys.executable, KIT / "pack.py", "--synthetic", "--data", data])
+    return data
+
+
+def _environment(extra_path: Path | None = None) -> dict:
+    paths = [str(extra_path)] if extra_path else []
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([*paths, str(REPO)])}
+
+
+def run_tiny(data: Path, out: Path, env: dict) -> dict:
+    # A generous budget: the figures, not the speed of a shared test machine, are checked here.
+    _run([sys.executable, KIT / "run.py", "--out", out, "--data", data, "--tiny",
+          "--budget-s", 400], env=env)  # fmt: skip
+    return json.loads((out / "report.json").read_text())
+
+
+def check_report(report: dict, out: Path) -> None:
+    # CUDA tests: collected and skipped on a machine without CUDA, run on a GPU machine.
+    assert report["tests"]["exit_code"] == 0, report["tests"]
+    expected = "skipped" if not torch.cuda.is_available() else "passed"
+    assert expected in report["tests"]["summary"]
+
+    variants = report["bench"]["variants"]
+    assert set(variants) == {"mind", "sam"}
+    for name, stages in (("mind", 7), ("sam", 5)):
+        run = variants[name]
+        assert run["warmup_s"] > 0
+        [pair] = run["pairs"]
+        assert pair["status"] == "ok", pair
+        assert len(pair["seconds"]) == stages and pair["total_s"] >= max(pair["seconds"].values())
+        # The kit ran the same arrays as the stored CPU result: Dice agrees stage by stage.
+        assert run["cpu_check"]["agree"], run["cpu_check"]
+        assert run["cpu_check"]["compared"] == len(pair["dice"]) >= 2
+        assert pair["dice"]["affine"] > 0.8  # the phantoms differ by a shift: easy to align
+
+    train = report["train"]
+    assert train["iterations"] >= 1 and train["final_loss"] > 0
+    shards = [out / name for name in train["weights"]["shards"]]
+    joined = out / "joined.pth"
+    joined.write_bytes(b"".join(p.read_bytes() for p in shards))
+    network = load_sam_checkpoint(joined)
+    assert (network.width, network.embedding_dim) == (0.125, 16)
+
+    markdown = (out / "report.md").read_text()
+    assert "## Stages, mind features" in markdown and "## SAM training" in markdown
+    returned = sorted(p.name for p in out.iterdir() if p.name != "joined.pth")
+    assert len(returned) <= 8 and all(p.is_file() for p in out.iterdir())
+    assert {"report.json", "report.md", "kit.log", "train_log.tsv"} <= set(returned)
+
+
+def test_tiny_mode_runs_every_part_and_agrees_with_the_cpu_result(phantoms, tmp_path):
+    out = tmp_path / "out"
+    check_report(run_tiny(phantoms, out, _environment()), out)
+
+
+def test_tiny_mode_runs_without_simpleitk(phantoms, tmp_path):
+    """The device machine has no SimpleITK: the kit must need only torch and numpy."""
+    blocker = tmp_path / "block"
+    blocker.mkdir()
+    (blocker / "sitecustomize.py").write_text(BLOCK_SIMPLEITK)
+    env = _environment(blocker)
+    probe = subprocess.run(
+        [sys.executable, "-c", "import sys; sys.path.insert(0, 'benchmarks/device'); import bench"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    if probe.returncode != 0:
+        pytest.xfail(
+            "the library's core still imports SimpleITK at import time (grid.py, image.py): "
+            + probe.stderr.strip().splitlines()[-1]
+        )
+    out = tmp_path / "out"
+    check_report(run_tiny(phantoms, out, env), out)
