@@ -175,6 +175,8 @@ def run_bench(args: argparse.Namespace, deadline: float, device: torch.device, l
 
 
 def run_train(args: argparse.Namespace, budget_s: float, log: Log) -> dict:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # the child trains on the same GPU: hand back the bench's cache
     command = [
         sys.executable, str(KIT / "train_sam_gpu.py"), "--data", str(args.data),
         "--out", str(args.out), "--budget-s", f"{budget_s:.0f}", "--device", args.device,
