@@ -112,3 +112,41 @@ def test_tiny_mode_runs_without_simpleitk(phantoms, tmp_path):
         )
     out = tmp_path / "out"
     check_report(run_tiny(phantoms, out, env), out)
+
+
+def test_gpu_crops_sample_the_volume_where_the_library_says_the_view_lies():
+    """A view rendered by the kit (torch) equals SimpleITK's resampling of the same volume onto
+    the view's grid, on an anisotropic, shifted volume (catches any axis or offset slip)."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    sys.path.insert(0, str(KIT))
+    import packed
+    import train_sam_gpu
+
+    from SAMERegistrationLib.grid import Grid
+
+    rng = np.random.default_rng(0)
+    values = rng.integers(1, 255, size=(40, 50, 60)).astype(np.uint8)  # (z, y, x)
+    spacing, origin = np.array([3.9, 2.7, 2.5]), np.array([-20.0, 35.0, 110.0])  # (x, y, z)
+    extent = (np.array(values.shape[::-1]) - 1) * spacing
+    volume = packed.TrainVolume("v", values, spacing, origin, origin + 10, origin + extent - 10)
+    crops = train_sam_gpu.CropConfig(patch=(16, 32, 32))
+    source = train_sam_gpu.SelfPairs([volume], crops, 1, torch.device("cpu"))
+    image = sitk.GetImageFromArray(values.astype(np.float32))
+    image.SetSpacing(tuple(spacing))
+    image.SetOrigin(tuple(origin))
+    draw = np.random.default_rng(1)
+    for geometry in train_sam_gpu.draw_pair_geometry(draw, volume, crops):
+        rendered, valid = source._render(0, geometry, np.random.default_rng(2))
+        reference = sitk.GetArrayFromImage(
+            sitk.Resample(image, geometry.grid().reference_image(), sitk.Transform(),
+                          sitk.sitkLinear, 0.0)
+        )  # fmt: skip
+        inside = Grid.from_sitk(image).contains(
+            geometry.grid().voxel_centres().reshape(-1, 3), margin_voxels=0.5
+        )
+        assert np.array_equal(valid.ravel(), inside)
+        core = Grid.from_sitk(image).contains(geometry.grid().voxel_centres().reshape(-1, 3))
+        difference = (rendered[0].numpy() + packed.SAM_OFFSET - reference).ravel()[core]
+        assert core.sum() > 1000 and np.abs(difference).max() < 0.1
