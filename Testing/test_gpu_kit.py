@@ -150,3 +150,37 @@ def test_gpu_crops_sample_the_volume_where_the_library_says_the_view_lies():
         core = Grid.from_sitk(image).contains(geometry.grid().voxel_centres().reshape(-1, 3))
         difference = (rendered[0].numpy() + packed.SAM_OFFSET - reference).ravel()[core]
         assert core.sum() > 1000 and np.abs(difference).max() < 0.1
+
+
+def test_position_probe_loss_vanishes_for_embeddings_that_encode_position():
+    """Known answer: embeddings equal to the voxel position (mm / 100) and an identity probe
+    predict every offset exactly; a wrong probe does not."""
+    sys.path.insert(0, str(KIT))
+    import train_sam_gpu
+
+    axes = tuple(torch.tensor([[0.0, 8.0, 16.0], [4.0, 12.0, 20.0]]) * k for k in (1, 2, 3))
+    z, y, x = (torch.stack([torch.meshgrid(*(a[v] for a in axes), indexing="ij")[i]
+                            for v in range(2)]) for i in range(3))  # fmt: skip
+    embeddings = torch.stack([z, y, x], dim=1) / train_sam_gpu.POSITION_SCALE_MM
+    valid = torch.ones(2, 3, 3, 3, dtype=torch.bool)
+    batch = train_sam_gpu.PairBatch(embeddings, axes, valid, axes, valid, ["a"])
+    probe = torch.nn.Linear(3, 3)
+    with torch.no_grad():
+        probe.weight.copy_(torch.eye(3))
+        probe.bias.zero_()
+    assert float(train_sam_gpu.position_probe_loss(probe, embeddings, batch)) < 1e-10
+    with torch.no_grad():
+        probe.weight.copy_(torch.eye(3)[[1, 0, 2]])  # y and z swapped
+    assert float(train_sam_gpu.position_probe_loss(probe, embeddings, batch)) > 1e-3
+
+
+def test_cross_patient_variant_trains_and_writes_loadable_weights(phantoms, tmp_path):
+    _run([sys.executable, KIT / "train_sam_gpu.py", "--data", phantoms, "--out", tmp_path,
+          "--tiny", "--variant", "cross", "--budget-s", 1, "--device", "cpu"],
+         env=_environment())  # fmt: skip
+    joined = b"".join(p.read_bytes() for p in sorted(tmp_path.glob("sam_gpu.pth.part*")))
+    (tmp_path / "sam.pth").write_bytes(joined)
+    network = load_sam_checkpoint(tmp_path / "sam.pth")
+    assert all(torch.isfinite(p).all() for p in network.parameters())
+    log = (tmp_path / "train_log.tsv").read_text().splitlines()
+    assert log[0].split("\t")[5] == "probe" and float(log[1].split("\t")[5]) > 0

@@ -274,7 +274,7 @@ def train(
     step_times: list[float] = []
     with open(out / LOG_NAME, "w") as log_file:
         log_file.write("iteration\tseconds\tloss\tlocal\tglobal\tprobe\tlr\n")
-        while time.perf_counter() - start < budget_s:
+        while iteration == 0 or time.perf_counter() - start < budget_s:  # at least one step
             tick = time.perf_counter()
             share = (tick - start) / budget_s
             for group in optimiser.param_groups:
