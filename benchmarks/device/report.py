@@ -93,10 +93,4 @@ def _bench_tables(variant: str, run: dict) -> list[str]:
             f"| **mean** | {' | '.join(cells)} | {means['total']:.3f} | "
             f"{summary.get('peak_gpu_mb', '—')} | {dice} |"
         )
-        if cpu.get("mean_seconds"):
-            lines.append(
-                f"| CPU reference ({run.get('cpu_machine')}) | "
-                + " | ".join(_number(cpu["mean_seconds"].get(s)) for s in stage_names)
-                + f" | {cpu['mean_seconds']['total']:.3f} | | |"
-            )
     return lines + [""]
