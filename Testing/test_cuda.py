@@ -19,9 +19,6 @@ from SAMERegistrationLib.device import describe_device, memory_guard, resolve_de
 from SAMERegistrationLib.errors import DeviceError
 
 KIT = Path(__file__).resolve().parent.parent / "benchmarks" / "device"
-sys.path.insert(0, str(KIT))
-
-import stages  # noqa: E402  (the kit's adapter to the registration stages)
 
 pytestmark = [
     pytest.mark.cuda,
@@ -29,8 +26,8 @@ pytestmark = [
 ]
 
 
-def phantom(origin, seed: int) -> tuple[stages.WorkingImage, np.ndarray]:
-    """A 2 mm head-and-neck-sized phantom: body, organs with labels, a bony column, texture."""
+def phantom_arrays(seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A 2 mm head-and-neck-sized phantom: HU, body, and organ labels (a bony column included)."""
     rng = np.random.default_rng(seed)
     z, y, x = np.meshgrid(*(np.linspace(-1, 1, n) for n in (56, 64, 64)), indexing="ij")
     body = (x / 0.8) ** 2 + (y / 0.7) ** 2 < 1
@@ -42,13 +39,19 @@ def phantom(origin, seed: int) -> tuple[stages.WorkingImage, np.ndarray]:
         inside = ((x - centre[0]) ** 2 + (y - centre[1]) ** 2 + (z - centre[2]) ** 2) < radius**2
         hu[inside & body] = value
         labels[inside & body] = label
-    image = stages.working_image(hu.astype(np.float32), body, (2.0,) * 3, origin, np.eye(3))
-    return image, labels
+    return hu.astype(np.float32), body, labels
 
 
-def register_on(device: torch.device) -> tuple[stages.PairRun, dict[str, float]]:
-    fixed, fixed_labels = phantom((0.0, 0.0, 0.0), seed=0)
-    moving, moving_labels = phantom((8.0, -6.0, 4.0), seed=1)
+def register_on(device: torch.device):
+    """The MIND pipeline (every stage) on two shifted phantoms, through the GPU kit's adapter."""
+    sys.path.insert(0, str(KIT))
+    import stages
+
+    images = []
+    for seed, origin in ((0, (0.0, 0.0, 0.0)), (1, (8.0, -6.0, 4.0))):
+        hu, body, labels = phantom_arrays(seed)
+        images.append((stages.working_image(hu, body, (2.0,) * 3, origin, np.eye(3)), labels))
+    (fixed, fixed_labels), (moving, moving_labels) = images
     run = stages.register_working(fixed, moving, stages.load_models("mind", device), device)
     dice = {
         stage: stages.mean_dice_after(fixed_labels, moving_labels, moving.grid, a, fixed.grid)
@@ -91,8 +94,8 @@ def test_mixed_precision_embeddings_match_float32(dtype):
     if weights is None:
         pytest.skip("no SAM model ships with this checkout")
     network = load_sam_checkpoint(weights, map_location="cuda")
-    image, _ = phantom((0.0, 0.0, 0.0), seed=0)
-    scaled = (np.clip(image.hu, -1024, 3071) + 1024) * 255 / 4095 - 50
+    hu, _, _ = phantom_arrays(seed=0)
+    scaled = (np.clip(hu, -1024, 3071) + 1024) * 255 / 4095 - 50
     x = torch.as_tensor(scaled, dtype=torch.float32, device="cuda")[None, None]
     seen = []
     network.backbone.conv1.conv.register_forward_hook(lambda m, i, out: seen.append(out.dtype))
