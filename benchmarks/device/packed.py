@@ -102,8 +102,8 @@ def read_image(folder: Path, name: str) -> PackedImage:
 def read_pairs(folder: Path) -> dict:
     path = folder / PAIRS_FILE
     if not path.is_file():
-        raise SystemExit(
-            f"error: no packed pairs in {folder} ({PAIRS_FILE} missing). Run "
+        raise FileNotFoundError(
+            f"No packed pairs in {folder} ({PAIRS_FILE} missing). Run "
             "'python benchmarks/device/pack.py' first, or pass --data FOLDER."
         )
     return json.loads(path.read_text())
@@ -143,8 +143,8 @@ def write_training(folder: Path, volumes: list[TrainVolume]) -> None:
 def read_training(folder: Path) -> list[TrainVolume]:
     path = folder / TRAIN_INDEX
     if not path.is_file():
-        raise SystemExit(
-            f"error: no packed training volumes in {folder} ({TRAIN_INDEX} missing). Run "
+        raise FileNotFoundError(
+            f"No packed training volumes in {folder} ({TRAIN_INDEX} missing). Run "
             "'python benchmarks/device/pack.py' first, or pass --data FOLDER."
         )
     index = json.loads(path.read_text())

@@ -117,7 +117,7 @@ def run_tests(deadline: float, log: Log) -> dict:
     ]  # fmt: skip
     env = {
         **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
     }
     timeout = max(deadline - time.perf_counter(), 5.0)
     tick = time.perf_counter()

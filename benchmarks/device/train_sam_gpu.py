@@ -364,7 +364,11 @@ def main(argv: list[str] | None = None) -> int:
     from SAMERegistrationLib.device import resolve_device
 
     device = resolve_device(args.device)
-    volumes = packed.read_training(args.data)
+    try:
+        volumes = packed.read_training(args.data)
+    except FileNotFoundError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     result = train(
         volumes, args.out, settings_from_args(args), args.budget_s, device, args.checkpoint_s
     )
