@@ -168,10 +168,9 @@ def test_position_probe_loss_vanishes_for_embeddings_that_encode_position():
     with torch.no_grad():
         probe.weight.copy_(torch.eye(3))
         probe.bias.zero_()
-    assert float(train_sam_gpu.position_probe_loss(probe, embeddings, batch)) < 1e-10
-    with torch.no_grad():
+        assert float(train_sam_gpu.position_probe_loss(probe, embeddings, batch)) < 1e-10
         probe.weight.copy_(torch.eye(3)[[1, 0, 2]])  # y and z swapped
-    assert float(train_sam_gpu.position_probe_loss(probe, embeddings, batch)) > 1e-3
+        assert float(train_sam_gpu.position_probe_loss(probe, embeddings, batch)) > 1e-3
 
 
 def test_cross_patient_variant_trains_and_writes_loadable_weights(phantoms, tmp_path):
