@@ -53,14 +53,14 @@ def _bench_tables(variant: str, run: dict) -> list[str]:
     if "error" in run:
         return [f"## Stages, {variant}", "", f"failed: {run['error']}", ""]
     summary, check = run.get("summary", {}), run.get("cpu_check", {})
-    cpu = run.get("cpu_summary", {})
     lines = [
         f"## Stages, {variant} features (SAM-deform: {run.get('deform')})",
         "",
         f"{summary.get('pairs_ok', 0)} of {summary.get('pairs', 0)} pairs registered; warm-up "
         f"{run.get('warmup_s', '—')} s. Dice against the CPU result of the same pair: largest "
         f"difference {check.get('max_abs_dice_difference', '—')} over {check.get('compared', 0)} "
-        f"values, {'agree' if check.get('agree') else 'DO NOT agree'} within 0.01"
+        f"values (CPU result stored for {check.get('pairs_with_cpu_result', 0)} pairs), "
+        f"{'agree' if check.get('agree') else 'DO NOT agree'} within 0.01"
         + (f"; status differs on {check['status_differs']}" if check.get("status_differs") else "")
         + ".",
         "",
@@ -86,7 +86,7 @@ def _bench_tables(variant: str, run: dict) -> list[str]:
         means = summary["mean_seconds"]
         cells = [_number(means.get(s)) for s in stage_names]
         dice = ", ".join(
-            f"{s} {v:.3f} / {_number(cpu.get('mean_dice', {}).get(s))}"
+            f"{s} {v:.3f} / {_number(_mean_cpu_dice(run['pairs'], s))}"
             for s, v in summary["mean_dice"].items()
         )
         lines.append(
@@ -94,3 +94,9 @@ def _bench_tables(variant: str, run: dict) -> list[str]:
             f"{summary.get('peak_gpu_mb', '—')} | {dice} |"
         )
     return lines + [""]
+
+
+def _mean_cpu_dice(pairs: list[dict], stage: str) -> float | None:
+    """The CPU result's mean Dice over the pairs the device registered (same pairs, same mean)."""
+    values = [p["dice_cpu"][stage] for p in pairs if stage in p.get("dice_cpu", {})]
+    return sum(values) / len(values) if values else None
