@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .crops import PairBatch
+from .views import PairBatch
 
 
 @dataclass(frozen=True)
