@@ -14,9 +14,16 @@ from typing import Any
 
 from .errors import ConfigError
 
+# The vocabulary every front end shares (command line, Python API, Slicer module, trainers).
 FEATURES = ("auto", "sam", "mind")
 DEVICES = ("auto", "cpu", "cuda")
-STAGES = ("affine", "coarse", "deform", "instance")
+STAGES = ("affine", "coarse", "deform", "instance")  # the stages a configuration switches
+# Progress steps, in the order ``register`` reports them.
+STEPS = ("prepare", "features", "matching", "affine", "coarse", "deform", "instance", "finish")
+SPACING_RANGE_MM = (0.25, 20.0)  # working-grid spacings the pipeline accepts
+FIELD_FORMATS = ("nii.gz", "nrrd", "mha", "h5")
+FIELD_PRECISIONS = ("float32", "float64")
+IMAGE_FORMATS = ("nii.gz", "nrrd", "mha")
 
 
 @dataclass
@@ -79,6 +86,7 @@ class InstanceConfig:
 @dataclass
 class ExportConfig:
     field_format: str = "nii.gz"  # displacement field file: nii.gz, nrrd, mha or h5
+    field_precision: str = "float32"  # of the whole-map field: float32 or float64
     image_format: str = "nii.gz"  # warped image and labels
 
 
@@ -151,8 +159,9 @@ class RegistrationConfig:
             )
         ):
             raise ConfigError("affine.refine_radii_mm must be a list of positive numbers (mm).")
-        if not 0.25 <= self.working_spacing_mm <= 20:
-            raise ConfigError("working_spacing_mm must lie between 0.25 and 20 mm.")
+        low, high = SPACING_RANGE_MM
+        if not low <= self.working_spacing_mm <= high:
+            raise ConfigError(f"working_spacing_mm must lie between {low:g} and {high:g} mm.")
         if not -1.0 <= self.matching.similarity_threshold < 1.0:
             raise ConfigError("matching.similarity_threshold must lie in [-1, 1).")
         positive = {
@@ -182,13 +191,15 @@ class RegistrationConfig:
                 raise ConfigError(f"{name} must not be negative, not {value}.")
         if self.instance.cost_stride is not None and self.instance.cost_stride < 1:
             raise ConfigError("instance.cost_stride must be at least 1.")
-        if self.export.field_format not in ("nii.gz", "nrrd", "mha", "h5"):
+        if self.export.field_format not in FIELD_FORMATS:
             raise ConfigError("export.field_format must be nii.gz, nrrd, mha or h5.")
-        if self.export.image_format not in ("nii.gz", "nrrd", "mha"):
+        if self.export.field_precision not in FIELD_PRECISIONS:
+            raise ConfigError(
+                f"export.field_precision must be float32 or float64, not "
+                f"'{self.export.field_precision}'."
+            )
+        if self.export.image_format not in IMAGE_FORMATS:
             raise ConfigError("export.image_format must be nii.gz, nrrd or mha.")
-
-    def stage_enabled(self, stage: str) -> bool:
-        return getattr(self, stage).enabled
 
     def resolved_for(self, features: str) -> RegistrationConfig:
         """A copy with every null (feature-dependent) setting filled from FEATURE_DEFAULTS."""
@@ -227,6 +238,20 @@ FEATURE_DEFAULTS: dict[str, dict[str, Any]] = {
         "instance.cost_stride": 2,
     },
 }
+
+
+def parse_set_options(items: list[str]) -> dict[str, Any]:
+    """``--set KEY=VALUE`` options as configuration overrides; values are JSON where they parse."""
+    values: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set expects KEY=VALUE, not '{item}'.")
+        try:
+            values[key.strip()] = json.loads(raw)
+        except json.JSONDecodeError:
+            values[key.strip()] = raw.strip()
+    return values
 
 
 def _build(cls: type, data: dict[str, Any], prefix: str):

@@ -28,6 +28,7 @@ def output_names(config_export) -> dict[str, str]:
     return {
         "affine": "affine.tfm",
         "transform": f"transform.{config_export.field_format}",
+        "deformable": f"deformable.{config_export.field_format}",
         "warped": f"warped_moving.{config_export.image_format}",
         "warped_labels": f"warped_moving_labels.{config_export.image_format}",
         "matches_csv": "matches.csv",
@@ -82,7 +83,8 @@ def write_outputs(
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.partial-", dir=folder.parent))
     try:
         sitk.WriteTransform(result.affine_transform(), str(staging / names["affine"]))
-        _write_field(result, staging / names["transform"])
+        _write_whole_map(result, staging / names["transform"])
+        _write_deformable(result, staging / names["deformable"])
         sitk.WriteImage(result.warp(moving), str(staging / names["warped"]), useCompression=True)
         if moving_labels is not None:
             warped = result.warped_labels or result.warp(moving_labels, labels=True)
@@ -100,11 +102,27 @@ def write_outputs(
     return {role: folder / name for role, name in names.items()}
 
 
-def _write_field(result: RegistrationResult, path: Path) -> None:
+def _write_whole_map(result: RegistrationResult, path: Path) -> None:
+    """The whole map ``p -> A(p + u(p))`` as a displacement on the full fixed image grid."""
+    dtype = np.dtype(result.config.export.field_precision)
     if path.suffix == ".h5":
-        sitk.WriteTransform(result.transform(), str(path))
+        transform = result.alignment.sitk_transform(result.fixed_grid, dtype)
+        sitk.WriteTransform(transform, str(path))
     else:
-        field = sitk.Cast(result.displacement_image(), sitk.sitkVectorFloat32)
+        field = result.alignment.displacement_image(result.fixed_grid, dtype=dtype)
+        sitk.WriteImage(field, str(path), useCompression=True)
+
+
+def _write_deformable(result: RegistrationResult, path: Path) -> None:
+    """The deformable part u alone, float32 on the full fixed image grid: the whole map is
+    ``affine.tfm`` applied after ``id + u``."""
+    field = result.alignment.displacement_image(result.fixed_grid, True, np.float32)
+    if path.suffix == ".h5":
+        field = sitk.Cast(
+            field, sitk.sitkVectorFloat64
+        )  # ITK's displacement transform holds doubles
+        sitk.WriteTransform(sitk.DisplacementFieldTransform(field), str(path))
+    else:
         sitk.WriteImage(field, str(path), useCompression=True)
 
 
@@ -167,7 +185,8 @@ def build_report(result: RegistrationResult, inputs: dict, names: dict[str, str]
         "conventions": {
             "space": "LPS mm",
             "transform_direction": "fixed -> moving (resampling direction, as ITK and Slicer)",
-            "composition": "p -> A (p + u(p)); the transform file holds the whole map",
+            "composition": "p -> A (p + u(p)); the transform file holds the whole map, the "
+            "affine file A and the deformable file u (on the fixed image grid)",
         },
         "total_seconds": round(seconds, 3),
         "stages": result.stages,

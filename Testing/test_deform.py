@@ -11,14 +11,14 @@ import torch
 from conftest import require_data
 
 from SAMERegistrationLib import register, spatial
-from SAMERegistrationLib.deform.checkpoint import (
+from SAMERegistrationLib.deform_net.checkpoint import (
     deform_meta,
     load_deform_weights,
     save_deform_weights,
 )
-from SAMERegistrationLib.deform.correlation import ZERO_OFFSET, correlation
-from SAMERegistrationLib.deform.field import displacement
-from SAMERegistrationLib.deform.network import DeformNetwork
+from SAMERegistrationLib.deform_net.correlation import ZERO_OFFSET, correlation
+from SAMERegistrationLib.deform_net.field import displacement
+from SAMERegistrationLib.deform_net.network import DeformNetwork
 from SAMERegistrationLib.errors import CheckpointError, ConfigError
 from SAMERegistrationLib.features.sam_network import SAMNetwork, save_sam_checkpoint
 from SAMERegistrationLib.grid import Grid

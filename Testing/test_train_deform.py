@@ -13,7 +13,7 @@ import torch
 from conftest import require_data
 
 from SAMERegistrationLib.cli import main
-from SAMERegistrationLib.deform.checkpoint import load_deform_weights
+from SAMERegistrationLib.deform_net.checkpoint import load_deform_weights
 from SAMERegistrationLib.errors import CheckpointError, ConfigError, InputError, OutputError
 from SAMERegistrationLib.synthetic import make_phantom
 from SAMERegistrationLib.train.deform_cache import PairCache

@@ -27,7 +27,8 @@ import torch
 from ..errors import InputError
 from ..features.sam_network import GLOBAL_STRIDE, LOCAL_STRIDE
 from ..grid import Grid
-from ..image import AIR_HU, BODY_THRESHOLD_HU, body_mask, check_ct, read_image, sam_intensity
+from ..image import BODY_THRESHOLD_HU, body_mask, check_ct, read_image
+from ..working import AIR_HU, sam_intensity
 
 #: Where voxel 0 of the local / global map sits on the input, in input voxels (z, y, x); voxel i
 #: sits at ``stride * i + offset`` (see the ``sam_network`` module docstring).

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
 
+from ..config import FEATURES, parse_set_options
 from ..errors import SameRegistrationError
 from .command import Bars, add_run_arguments, report_interrupted
 from .deform_trainer import DeformTrainConfig, train_deform
@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--features",
-        choices=["auto", "sam", "mind"],
+        choices=FEATURES,
         default=_DEFAULTS.features,
         help="embeddings for the pre-alignment, the correlation input and the SAM loss "
         "(default: auto, SAM when weights exist, else MIND)",
@@ -109,19 +109,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _overrides(items: list[str]) -> dict:
-    values = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise SameRegistrationError(f"--set expects KEY=VALUE, not '{item}'.")
-        try:
-            values[key.strip()] = json.loads(raw)
-        except json.JSONDecodeError:
-            values[key.strip()] = raw
-    return values
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run ``train-deform``; 0 on success, 2 on a user error (printed as ``error: ...``)."""
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
@@ -146,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
             device=args.device,
             checkpoint_every=args.checkpoint_every,
             patch=tuple(args.patch) if args.patch else None,
-            prealign=_overrides(args.set),
+            prealign=parse_set_options(args.set),
         )
         scans = collect_scans(args.scans, args.exclude_pattern)
         final = train_deform(

@@ -29,17 +29,10 @@ import torch.nn.functional as F
 
 from .. import spatial
 from ..config import RegistrationConfig
-from ..deform.checkpoint import deform_meta, save_deform_weights
-from ..deform.field import VARIANTS, displacement
-from ..deform.inputs import DeformInputs
-from ..deform.losses import (
-    MASK_LEVEL,
-    SIMILARITIES,
-    masked_mean,
-    similarity_loss,
-    smoothness,
-)
-from ..deform.network import DeformNetwork
+from ..deform_net.checkpoint import deform_meta, save_deform_weights
+from ..deform_net.field import VARIANTS, displacement
+from ..deform_net.inputs import DeformInputs
+from ..deform_net.network import DeformNetwork
 from ..device import resolve_device
 from ..errors import CheckpointError, ConfigError, DeviceError, InputError, OutputError
 from ..features.base import FeatureMaps
@@ -56,6 +49,7 @@ from .checkpoints import (
     write_checkpoint,
 )
 from .deform_cache import PairCache, TrainingPair
+from .deform_losses import MASK_LEVEL, SIMILARITIES, DeformLossTerms, masked_mean, similarity_loss
 from .sam_trainer import check_scan_files
 
 log = logging.getLogger(__name__)
@@ -167,17 +161,17 @@ class DeformTrainConfig:
 
 
 def resolve_features(config: DeformTrainConfig) -> DeformTrainConfig:
-    """Fix ``auto`` to sam (with the shipped weights when none are given) or mind."""
-    from ..features.sam import default_weights  # imported late: it loads the SAM network code
+    """Fix ``auto`` as registration does (``features.resolve_features``), to sam or mind."""
+    from ..features import resolve_features as resolve  # late: it loads the SAM network code
 
-    weights = config.sam_weights or default_weights()
-    if config.features == "sam" and weights is None:
+    features, weights = resolve(config.features, config.sam_weights)
+    if config.features == "sam" and features == "mind":
         raise CheckpointError(
             "SAM features were requested for SAM-deform training but no SAM weights were given "
             "and none ship with this installation. Pass --weights PATH/TO/SAM.pth, or use "
             "--features mind."
         )
-    if config.features == "mind" or weights is None:
+    if features == "mind":
         return replace(config, features="mind", sam_weights=None)
     if not Path(weights).is_file():
         raise CheckpointError(
@@ -243,15 +237,9 @@ def random_box(config: DeformTrainConfig, iteration: int, shape: Sequence[int]) 
 # --- the step ------------------------------------------------------------------------------------
 
 
-@dataclass
-class LossTerms:
-    total: torch.Tensor
-    similarity: torch.Tensor
-    sam: torch.Tensor
-    smooth: torch.Tensor
-
-
-def deform_loss(output: torch.Tensor, pair: TrainingPair, config: DeformTrainConfig) -> LossTerms:
+def deform_loss(
+    output: torch.Tensor, pair: TrainingPair, config: DeformTrainConfig
+) -> DeformLossTerms:
     """The weighted loss of the network's ``output`` (voxels) for one pre-aligned pair."""
     grid = pair.inputs.grid
     u = displacement(output, grid, config.variant, config.integration_steps)
@@ -265,13 +253,13 @@ def deform_loss(output: torch.Tensor, pair: TrainingPair, config: DeformTrainCon
     sam = output.new_zeros(())
     if config.sam_loss_weight > 0 and pair.fixed_maps is not None:
         sam = _sam_loss(u, pair)
-    smooth = smoothness(output)
+    smooth = spatial.roughness(output, mean_over_axes=True)
     total = (
         config.similarity_weight * similarity
         + config.sam_loss_weight * sam
         + config.smoothness * smooth
     )
-    return LossTerms(total, similarity, sam, smooth)
+    return DeformLossTerms(total, similarity, sam, smooth)
 
 
 def _sam_loss(u: torch.Tensor, pair: TrainingPair) -> torch.Tensor:
@@ -311,7 +299,9 @@ def new_training_state(config: DeformTrainConfig, device: torch.device) -> Train
     return TrainingState(model, optimizer, torch.amp.GradScaler(device.type, enabled=amp), device)
 
 
-def train_step(state: TrainingState, pair: TrainingPair, config: DeformTrainConfig) -> LossTerms:
+def train_step(
+    state: TrainingState, pair: TrainingPair, config: DeformTrainConfig
+) -> DeformLossTerms:
     """One Adam step on one pair (network under float16 autocast on CUDA, the rest in float32)."""
     inputs = pair.inputs
     with torch.autocast(state.device.type, dtype=torch.float16, enabled=state.scaler.is_enabled()):

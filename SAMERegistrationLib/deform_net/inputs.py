@@ -17,7 +17,7 @@ import torch
 from .. import spatial
 from ..features.base import FeatureMaps
 from ..grid import Grid
-from ..image import WorkingImage, window_intensity
+from ..working import WorkingImage, window_intensity
 from .correlation import correlation_input
 
 
