@@ -57,9 +57,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _common_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", "--output", required=True, type=Path, help="output folder")
-    parser.add_argument(
-        "--features", choices=FEATURES, help="embeddings (default: auto)"
-    )
+    parser.add_argument("--features", choices=FEATURES, help="embeddings (default: auto)")
     parser.add_argument("--weights", help="SAM checkpoint (official SAM.pth or our own)")
     parser.add_argument("--deform-weights", help="SAM-deform network weights (from train-deform)")
     parser.add_argument(

@@ -28,13 +28,12 @@ from .result import RegistrationResult
 from .stages import (
     ProgressCallback,
     StageContext,
-    affine,
-    coarse,
     deform,
     initial,
-    instance,
+    seconds_since,
     skipped,
 )
+from .stages.loop import run_stages
 from .working import WorkingImage
 
 log = logging.getLogger(__name__)
@@ -42,8 +41,6 @@ log = logging.getLogger(__name__)
 __all__ = ["STEPS", "ProgressCallback", "register", "pre_align"]
 
 MIN_OVERLAP = 0.2  # share of the fixed body that the moved moving body must cover
-# The stages after the pre-alignment, in order; each may be switched off in the configuration.
-REFINEMENT_STAGES = {"deform": deform.run, "instance": instance.run}
 
 
 def register(
@@ -94,7 +91,7 @@ def register(
     with memory_guard(device, config.working_spacing_mm):
         pre = pre_align(fixed_image, moving_image, config, extractor, device, context, clock)
         stages = pre.stages
-        alignment = run_stages(REFINEMENT_STAGES, pre.fixed_maps, pre.moving_maps,
+        alignment = run_stages(("deform", "instance"), pre.fixed_maps, pre.moving_maps,
                                pre.alignment, config, context, stages)  # fmt: skip
 
     clock = time.perf_counter()
@@ -114,7 +111,7 @@ def register(
     if "moving" in labels:
         result.warped_labels = result.warp(labels["moving"], labels=True)
     context.report("finish", 1, 1)
-    stages["finish"] = {"seconds": _lap(clock)}
+    stages["finish"] = {"seconds": seconds_since(clock)}
     return result
 
 
@@ -123,31 +120,6 @@ def resolved(config: RegistrationConfig, features: str) -> RegistrationConfig:
     if config.features != features:
         config = config.with_overrides({"features": features})
     return config.resolved_for(features)
-
-
-def run_stages(
-    runners: dict,
-    fixed_maps: FeatureMaps,
-    moving_maps: FeatureMaps,
-    alignment: Alignment,
-    config: RegistrationConfig,
-    context: StageContext,
-    stages: dict[str, dict],
-) -> Alignment:
-    """Run the enabled stages of ``runners`` in order; record each one's report in ``stages``."""
-    for name, run in runners.items():
-        clock = time.perf_counter()
-        context.report(name, 0, 1)
-        if not getattr(config, name).enabled:
-            stages[name] = skipped("disabled")
-        else:
-            alignment, info = run(fixed_maps, moving_maps, alignment, config, context)
-            if info.get("status") == "skipped":
-                stages[name] = info
-            else:
-                stages[name] = {"status": "done", "seconds": _lap(clock), **info}
-        context.report(name, 1, 1)
-    return alignment
 
 
 @dataclass
@@ -188,7 +160,7 @@ def pre_align(
     context.moving = to_working_grid(moving_image, config.working_spacing_mm)
     report("prepare", 2, 2)
     grid = context.fixed.grid
-    stages["prepare"] = {"seconds": _lap(clock), "working_grid": grid.to_dict()}
+    stages["prepare"] = {"seconds": seconds_since(clock), "working_grid": grid.to_dict()}
 
     clock = time.perf_counter()
     report("features", 0, 2)
@@ -196,12 +168,12 @@ def pre_align(
     report("features", 1, 2)
     moving_maps = extractor.extract(context.moving)
     report("features", 2, 2)
-    stages["features"] = {"seconds": _lap(clock), "extractor": extractor.name}
+    stages["features"] = {"seconds": seconds_since(clock), "extractor": extractor.name}
 
     clock = time.perf_counter()
     alignment = Alignment.identity(grid, device)
     alignment, info = initial.run(fixed_maps, moving_maps, alignment, config, context)
-    stages["initial"] = {"seconds": _lap(clock), **info}
+    stages["initial"] = {"seconds": seconds_since(clock), **info}
 
     clock = time.perf_counter()
     report("matching", 0, 1)
@@ -210,25 +182,21 @@ def pre_align(
         config.matching.search_radius_mm, device,
     )  # fmt: skip
     report("matching", 1, 1)
-    stages["matching"] = {"seconds": _lap(clock), **context.matches.summary()}
+    stages["matching"] = {"seconds": seconds_since(clock), **context.matches.summary()}
     _check_shared_anatomy(context.matches, config.matching.min_match_share)
 
-    alignment = run_stages({"affine": affine.run}, fixed_maps, moving_maps, alignment, config,
+    alignment = run_stages(("affine",), fixed_maps, moving_maps, alignment, config,
                            context, stages)  # fmt: skip
     if not config.affine.enabled:
         stages["affine"] = skipped("disabled", "initial alignment kept")
     matches = context.matches  # the affine's: the coarse stage may search fresh ones for itself
     _check_overlap(context.fixed, context.moving, alignment.affine)
-    alignment = run_stages({"coarse": coarse.run}, fixed_maps, moving_maps, alignment, config,
+    alignment = run_stages(("coarse",), fixed_maps, moving_maps, alignment, config,
                            context, stages)  # fmt: skip
     return PreAlignment(
         context.fixed, context.moving, fixed_maps, moving_maps, matches, alignment, stages,
         context.coarse,
     )  # fmt: skip
-
-
-def _lap(start: float) -> float:
-    return round(time.perf_counter() - start, 3)
 
 
 def _check_shared_anatomy(matches, min_share: float) -> None:

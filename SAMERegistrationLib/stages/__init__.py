@@ -8,6 +8,7 @@ the matches, the deform network, progress) comes in a ``StageContext``.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -37,6 +38,11 @@ class StageContext:
     def report(self, stage: str, done: int, total: int) -> None:
         if self.progress is not None:
             self.progress(stage, done, total)
+
+
+def seconds_since(start: float) -> float:
+    """Seconds since ``start`` (a ``time.perf_counter`` reading), for a stage's report."""
+    return round(time.perf_counter() - start, 3)
 
 
 def skipped(reason: str, detail: str | None = None) -> dict:
