@@ -21,12 +21,9 @@ log = logging.getLogger(__name__)
 
 
 def run(
-    fixed_maps: FeatureMaps,
-    moving_maps: FeatureMaps,
-    alignment: Alignment,
-    config: RegistrationConfig,
-    context: StageContext,
-) -> tuple[Alignment, dict]:
+    fixed_maps: FeatureMaps, moving_maps: FeatureMaps, alignment: Alignment,
+    config: RegistrationConfig, context: StageContext,
+) -> tuple[Alignment, dict]:  # fmt: skip
     """Fit the affine to ``context.matches``, then refine it by re-matching within each radius."""
     radii = config.affine.refine_radii_mm or []
     matrix, info = fit_affine(context.matches, config.affine)

@@ -25,12 +25,9 @@ MIN_MATCHES = 4  # fewer matches than this leave the stage out
 
 
 def run(
-    fixed_maps: FeatureMaps,
-    moving_maps: FeatureMaps,
-    alignment: Alignment,
-    config: RegistrationConfig,
-    context: StageContext,
-) -> tuple[Alignment, dict]:
+    fixed_maps: FeatureMaps, moving_maps: FeatureMaps, alignment: Alignment,
+    config: RegistrationConfig, context: StageContext,
+) -> tuple[Alignment, dict]:  # fmt: skip
     """The affine followed by a coarse field fitted to the matches (fresh ones if configured)."""
     matches = context.matches
     if config.coarse.rematch_radius_mm:

@@ -137,12 +137,9 @@ def load_model(
 
 
 def run(
-    fixed_maps: FeatureMaps,
-    moving_maps: FeatureMaps,
-    alignment: Alignment,
-    config: RegistrationConfig,
-    context: StageContext,
-) -> tuple[Alignment, dict]:
+    fixed_maps: FeatureMaps, moving_maps: FeatureMaps, alignment: Alignment,
+    config: RegistrationConfig, context: StageContext,
+) -> tuple[Alignment, dict]:  # fmt: skip
     """The alignment composed after the network's field: ``phi_pre o (id + u)``."""
     model = context.deform_model
     if model is None:

@@ -20,12 +20,9 @@ SEARCH_SUBSAMPLING = 2  # search on every 2nd feature voxel (8 mm at the default
 
 
 def run(
-    fixed_maps: FeatureMaps,
-    moving_maps: FeatureMaps,
-    alignment: Alignment,
-    config: RegistrationConfig,
-    context: StageContext | None = None,
-) -> tuple[Alignment, dict]:
+    fixed_maps: FeatureMaps, moving_maps: FeatureMaps, alignment: Alignment,
+    config: RegistrationConfig, context: StageContext | None = None,
+) -> tuple[Alignment, dict]:  # fmt: skip
     """The starting affine (a translation) by ``config.initialisation``; the field is kept."""
     mode = config.initialisation
     info: dict = {"method": mode}

@@ -20,12 +20,9 @@ from . import StageContext
 
 
 def run(
-    fixed_maps: FeatureMaps,
-    moving_maps: FeatureMaps,
-    alignment: Alignment,
-    config: RegistrationConfig,
-    context: StageContext | None = None,
-) -> tuple[Alignment, dict]:
+    fixed_maps: FeatureMaps, moving_maps: FeatureMaps, alignment: Alignment,
+    config: RegistrationConfig, context: StageContext | None = None,
+) -> tuple[Alignment, dict]:  # fmt: skip
     """The alignment composed after the optimised refinement (id + d)."""
     step = None
     if context is not None:

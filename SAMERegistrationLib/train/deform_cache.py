@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from .. import spatial
+from ..checkpoint_io import write_checkpoint
 from ..config import RegistrationConfig
 from ..deform_net.inputs import DeformInputs, body_window, build_inputs
 from ..errors import RegistrationFailed
@@ -30,7 +31,6 @@ from ..features.base import FeatureMaps
 from ..grid import Grid
 from ..image import check_ct, read_image
 from ..working import WorkingImage
-from .checkpoints import write_checkpoint
 
 log = logging.getLogger(__name__)
 

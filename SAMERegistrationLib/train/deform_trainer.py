@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import spatial
+from ..checkpoint_io import write_checkpoint
 from ..config import RegistrationConfig
 from ..deform_net.checkpoint import deform_meta, save_deform_weights
 from ..deform_net.field import VARIANTS, displacement
@@ -46,7 +47,6 @@ from .checkpoints import (
     remove_old_checkpoints,
     restore,
     training_payload,
-    write_checkpoint,
 )
 from .deform_cache import PairCache, TrainingPair
 from .deform_losses import MASK_LEVEL, SIMILARITIES, DeformLossTerms, masked_mean, similarity_loss
