@@ -8,12 +8,35 @@ import sys
 from pathlib import Path
 
 from ..config import FEATURES, parse_set_options
+from ..deform_net.field import VARIANTS
 from ..errors import SameRegistrationError
 from .command import Bars, add_run_arguments, report_interrupted
+from .deform_losses import SIMILARITIES
 from .deform_trainer import DeformTrainConfig, train_deform
 from .sam_trainer import collect_scans
 
 _DEFAULTS = DeformTrainConfig()
+# Options that set one DeformTrainConfig field each: flag, field, type, choices, help.
+_SETTINGS = [
+    ("--epochs", "epochs", int, None, "default %(default)s"),
+    ("--pairs", "pairs", int, None,
+     "ordered (fixed, moving) pairs drawn from the scans (default %(default)s)"),
+    ("--features", "features", str, FEATURES,
+     "embeddings for the pre-alignment, the correlation input and the SAM loss (default: auto, "
+     "as in registration: SAM with given weights or a preferred shipped model, else MIND)"),
+    ("--weights", "sam_weights", str, None, "SAM checkpoint (default with --features sam: the one shipped)"),
+    ("--spacing", "working_spacing_mm", float, None,
+     "working grid spacing in mm (default %(default)s); register with the same"),
+    ("--variant", "variant", str, VARIANTS,
+     "svf: velocity integrated by scaling and squaring (default); dvf: direct displacement"),
+    ("--similarity", "similarity", str, SIMILARITIES, "default lncc"),
+    ("--window", "window", int, None, "local NCC window (default 21)"),
+    ("--similarity-weight", "similarity_weight", float, None, "default %(default)s"),
+    ("--sam-loss-weight", "sam_loss_weight", float, None,
+     "weight of the SAM loss, 0 to leave it out (default %(default)s)"),
+    ("--smoothness", "smoothness", float, None, "default 0.2"),
+    ("--lr", "lr", float, None, "default %(default)s"),
+]  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,56 +61,15 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATTERN",
         help="leave out files whose name or path matches this shell pattern (repeatable)",
     )
-    parser.add_argument("--epochs", type=int, default=_DEFAULTS.epochs, help="default %(default)s")
-    parser.add_argument(
-        "--pairs",
-        type=int,
-        default=_DEFAULTS.pairs,
-        help="ordered (fixed, moving) pairs drawn from the scans (default %(default)s)",
-    )
-    parser.add_argument(
-        "--features",
-        choices=FEATURES,
-        default=_DEFAULTS.features,
-        help="embeddings for the pre-alignment, the correlation input and the SAM loss "
-        "(default: auto, SAM when weights exist, else MIND)",
-    )
-    parser.add_argument("--weights", help="SAM checkpoint (default: the one shipped, if any)")
-    parser.add_argument(
-        "--spacing",
-        type=float,
-        default=_DEFAULTS.working_spacing_mm,
-        help="working grid spacing in mm (default %(default)s); register with the same",
-    )
-    parser.add_argument(
-        "--variant",
-        choices=["svf", "dvf"],
-        default=_DEFAULTS.variant,
-        help="svf: velocity integrated by scaling and squaring (default); dvf: direct displacement",
-    )
+    for flag, name, kind, choices, text in _SETTINGS:
+        parser.add_argument(
+            flag, dest=name, type=kind, choices=choices, default=getattr(_DEFAULTS, name),
+            help=text, metavar=None if choices else name.upper(),
+        )  # fmt: skip
     parser.add_argument(
         "--no-correlation",
         action="store_true",
         help="leave out the SAM correlation input (ablation)",
-    )
-    parser.add_argument(
-        "--similarity", choices=["lncc", "ncc"], default=_DEFAULTS.similarity, help="default lncc"
-    )
-    parser.add_argument(
-        "--window", type=int, default=_DEFAULTS.window, help="local NCC window (default 21)"
-    )
-    parser.add_argument(
-        "--similarity-weight", type=float, default=_DEFAULTS.similarity_weight, metavar="W"
-    )
-    parser.add_argument(
-        "--sam-loss-weight",
-        type=float,
-        default=_DEFAULTS.sam_loss_weight,
-        metavar="W",
-        help="weight of the SAM loss, 0 to leave it out (default %(default)s)",
-    )
-    parser.add_argument(
-        "--smoothness", type=float, default=_DEFAULTS.smoothness, metavar="W", help="default 0.2"
     )
     parser.add_argument(
         "--patch",
@@ -97,7 +79,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="train on a random box of this many working voxels per iteration (default: the "
         "whole fixed grid); saves memory and time, e.g. on a CPU",
     )
-    parser.add_argument("--lr", type=float, default=_DEFAULTS.lr, help="default %(default)s")
     parser.add_argument(
         "--set",
         action="append",
@@ -116,19 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     bars = Bars() if args.progress == "bars" else None
     try:
         config = DeformTrainConfig(
-            epochs=args.epochs,
-            pairs=args.pairs,
-            features=args.features,
-            sam_weights=args.weights,
-            working_spacing_mm=args.spacing,
-            variant=args.variant,
+            **{name: getattr(args, name) for _, name, *_ in _SETTINGS},
             correlation=not args.no_correlation,
-            similarity=args.similarity,
-            window=args.window,
-            similarity_weight=args.similarity_weight,
-            sam_loss_weight=args.sam_loss_weight,
-            smoothness=args.smoothness,
-            lr=args.lr,
             seed=args.seed,
             device=args.device,
             checkpoint_every=args.checkpoint_every,

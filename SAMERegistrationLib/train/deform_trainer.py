@@ -72,7 +72,7 @@ class DeformTrainConfig:
 
     epochs: int = 100
     pairs: int = 200  # ordered (fixed, moving) pairs drawn from the scans, no self-pairs
-    features: str = "auto"  # sam, mind, or auto (SAM when weights exist, else MIND)
+    features: str = "auto"  # sam, mind, or auto (as registration resolves it: resolve_features)
     sam_weights: str | None = None  # default: the SAM model shipped with the library
     working_spacing_mm: float = 2.0
     variant: str = "svf"  # svf (scaling and squaring) or dvf (direct displacement)
