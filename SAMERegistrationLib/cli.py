@@ -17,7 +17,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import FEATURES, STAGES, RegistrationConfig, parse_set_options
+from .config import (
+    DEVICES,
+    FEATURES,
+    SPACING_RANGE_MM,
+    STAGES,
+    RegistrationConfig,
+    parse_set_options,
+)
 from .errors import SameRegistrationError
 
 log = logging.getLogger("SAMERegistrationLib")
@@ -64,8 +71,11 @@ def _common_options(parser: argparse.ArgumentParser) -> None:
         "--stages",
         help=f"comma-separated stages to run, from {','.join(STAGES)} (default: all)",
     )
-    parser.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
-    parser.add_argument("--spacing", type=float, help="working grid spacing in mm (default 2)")
+    parser.add_argument("--device", help=f"{', '.join(DEVICES)} or cuda:N (default auto)")
+    low, high = SPACING_RANGE_MM
+    parser.add_argument(
+        "--spacing", type=float, help=f"working grid spacing in mm, {low:g} to {high:g} (default 2)"
+    )
     parser.add_argument("--config", type=Path, help="JSON configuration file (see report.json)")
     parser.add_argument(
         "--set",

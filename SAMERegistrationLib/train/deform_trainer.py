@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from .. import spatial
 from ..checkpoint_io import write_checkpoint
-from ..config import RegistrationConfig
+from ..config import FEATURES, SPACING_RANGE_MM, RegistrationConfig
 from ..deform_net.checkpoint import deform_meta, save_deform_weights
 from ..deform_net.field import VARIANTS, displacement
 from ..deform_net.inputs import DeformInputs
@@ -109,8 +109,14 @@ class DeformTrainConfig:
         ):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be at least 1 (got {getattr(self, name)})")
-        if self.features not in ("auto", "sam", "mind"):
-            problems.append(f"features must be auto, sam or mind (got {self.features!r})")
+        if self.features not in FEATURES:
+            problems.append(f"features must be one of {FEATURES} (got {self.features!r})")
+        low, high = SPACING_RANGE_MM
+        if not low <= self.working_spacing_mm <= high:
+            problems.append(
+                f"working_spacing_mm must lie between {low:g} and {high:g} mm "
+                f"(got {self.working_spacing_mm})"
+            )
         if self.variant not in VARIANTS:
             problems.append(f"variant must be one of {VARIANTS} (got {self.variant!r})")
         if self.similarity not in SIMILARITIES:
