@@ -18,7 +18,7 @@ from . import spatial
 from .grid import Grid, slabs
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # arrays do not compare as one truth value
 class Alignment:
     affine: np.ndarray  # 4x4 fixed -> moving, LPS mm, float64
     field: torch.Tensor  # (1, 3, D, H, W) displacement u in mm on ``grid``
