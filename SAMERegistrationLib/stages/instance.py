@@ -24,10 +24,11 @@ def run(
     config: RegistrationConfig, context: StageContext | None = None,
 ) -> tuple[Alignment, dict]:  # fmt: skip
     """The alignment composed after the optimised refinement (id + d)."""
-    step = None
-    if context is not None:
-        step = lambda i, n, loss: context.report("instance", i, n)  # noqa: E731
-    return optimise_instance(fixed_maps, moving_maps, alignment, config.instance, step)
+    context = context or StageContext()
+    return optimise_instance(
+        fixed_maps, moving_maps, alignment, config.instance,
+        lambda i, n, loss: context.report("instance", i, n),
+    )  # fmt: skip
 
 
 def optimise_instance(
