@@ -147,10 +147,7 @@ def run(
         return alignment, skipped(context.deform_source)
     fixed, moving = context.fixed, context.moving
     device = alignment.field.device
-    inputs = build_inputs(
-        fixed, moving, fixed_maps, moving_maps, alignment.affine, alignment.field,
-        model.correlation,
-    )  # fmt: skip
+    inputs = build_inputs(fixed, moving, fixed_maps, moving_maps, alignment, model.correlation)
     with torch.no_grad(), torch.autocast(device.type, torch.float16, enabled=device.type == "cuda"):
         output = model.network(inputs.moving, inputs.fixed, inputs.correlation)
     with torch.no_grad():

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from .. import spatial
+from ..alignment import Alignment
 from ..checkpoint_io import write_checkpoint
 from ..config import RegistrationConfig
 from ..deform_net.inputs import DeformInputs, body_window, build_inputs
@@ -225,11 +226,12 @@ class PairCache:
             coarse_grid = Grid.from_dict(entry["coarse_grid"])
             dense = spatial.resample_field(entry["coarse"].to(device), coarse_grid, fixed.grid)
         affine = entry["affine"].numpy()
+        alignment = Alignment(affine, dense, fixed.grid)
         if fixed_maps is None:  # no features cached: correlation and SAM loss are off
-            inputs = build_inputs(fixed, moving, None, None, affine, dense, False)
+            inputs = build_inputs(fixed, moving, None, None, alignment, False)
         else:
             inputs = build_inputs(
-                fixed, moving, fixed_maps, moving_maps, affine, dense, correlation, True
+                fixed, moving, fixed_maps, moving_maps, alignment, correlation, True
             )
         return TrainingPair(
             inputs=inputs,
