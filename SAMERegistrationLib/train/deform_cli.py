@@ -5,12 +5,11 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from pathlib import Path
 
 from ..config import FEATURES, parse_set_options
 from ..deform_net.field import VARIANTS
 from ..errors import SameRegistrationError
-from .command import Bars, add_run_arguments, report_interrupted
+from .command import Bars, add_input_arguments, add_run_arguments, report_interrupted
 from .deform_losses import SIMILARITIES
 from .deform_trainer import DeformTrainConfig, train_deform
 from .sam_trainer import collect_scans
@@ -47,20 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
         "for OpenKBP, leave validation_* and the label maps out, e.g. with --exclude-pattern "
         "'validation_*' --exclude-pattern '*_label*'.",
     )
-    parser.add_argument(
-        "scans",
-        nargs="+",
-        help="CT volumes in Hounsfield units, or folders holding only such files (their "
-        "sub-folders and hidden files are ignored)",
-    )
-    parser.add_argument("-o", "--output", required=True, type=Path, help="output folder")
-    parser.add_argument(
-        "--exclude-pattern",
-        action="append",
-        default=[],
-        metavar="PATTERN",
-        help="leave out files whose name or path matches this shell pattern (repeatable)",
-    )
+    add_input_arguments(parser)
     for flag, name, kind, choices, text in _SETTINGS:
         parser.add_argument(
             flag, dest=name, type=kind, choices=choices, default=getattr(_DEFAULTS, name),
