@@ -8,9 +8,16 @@ from importlib import import_module
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["RegistrationConfig", "RegistrationResult", "SameRegistrationError", "register"]
+__all__ = [
+    "Alignment",
+    "RegistrationConfig",
+    "RegistrationResult",
+    "SameRegistrationError",
+    "register",
+]
 
 _WHERE = {
+    "Alignment": ".alignment",
     "RegistrationConfig": ".config",
     "RegistrationResult": ".result",
     "SameRegistrationError": ".errors",

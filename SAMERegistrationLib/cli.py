@@ -17,7 +17,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import STAGES, RegistrationConfig
+from .config import (
+    DEVICES,
+    FEATURES,
+    SPACING_RANGE_MM,
+    STAGES,
+    RegistrationConfig,
+    parse_set_options,
+)
 from .errors import SameRegistrationError
 
 log = logging.getLogger("SAMERegistrationLib")
@@ -60,17 +67,18 @@ def main(argv: list[str] | None = None) -> int:
 
 def _common_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", "--output", required=True, type=Path, help="output folder")
-    parser.add_argument(
-        "--features", choices=["auto", "sam", "mind"], help="embeddings (default: auto)"
-    )
+    parser.add_argument("--features", choices=FEATURES, help="embeddings (default: auto)")
     parser.add_argument("--weights", help="SAM checkpoint (official SAM.pth or our own)")
     parser.add_argument("--deform-weights", help="SAM-deform network weights (from train-deform)")
     parser.add_argument(
         "--stages",
         help=f"comma-separated stages to run, from {','.join(STAGES)} (default: all)",
     )
-    parser.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
-    parser.add_argument("--spacing", type=float, help="working grid spacing in mm (default 2)")
+    parser.add_argument("--device", help=f"{', '.join(DEVICES)} or cuda:N (default auto)")
+    low, high = SPACING_RANGE_MM
+    parser.add_argument(
+        "--spacing", type=float, help=f"working grid spacing in mm, {low:g} to {high:g} (default 2)"
+    )
     parser.add_argument("--config", type=Path, help="JSON configuration file (see report.json)")
     parser.add_argument(
         "--set",
@@ -143,19 +151,8 @@ def build_config(args: argparse.Namespace) -> RegistrationConfig:
             )
         for stage in STAGES:
             overrides[f"{stage}.enabled"] = stage in chosen
-    for item in args.set:
-        key, sep, raw = item.partition("=")
-        if not sep:
-            raise SameRegistrationError(f"--set expects KEY=VALUE, not '{item}'.")
-        overrides[key.strip()] = _parse_value(raw.strip())
+    overrides.update(parse_set_options(args.set))
     return config.with_overrides(overrides) if overrides else config
-
-
-def _parse_value(raw: str):
-    try:
-        return json.loads(raw)
-    except json.JSONDecodeError:
-        return raw
 
 
 def _json_progress(stage: str, done: int, total: int) -> None:

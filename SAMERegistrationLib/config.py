@@ -15,11 +15,16 @@ from typing import Any
 
 from .errors import ConfigError
 
+# The vocabulary every front end shares (command line, Python API, Slicer module, trainers).
 FEATURES = ("auto", "sam", "mind")
 DEVICES = ("auto", "cpu", "cuda")
-STAGES = ("affine", "coarse", "deform", "instance")
+STAGES = ("affine", "coarse", "deform", "instance")  # the stages a configuration switches
+# Progress steps, in the order ``register`` reports them.
 STEPS = ("prepare", "features", "matching", "affine", "coarse", "deform", "instance", "finish")
-SPACING_RANGE_MM = (0.25, 20.0)
+SPACING_RANGE_MM = (0.25, 20.0)  # working-grid spacings the pipeline accepts
+FIELD_FORMATS = ("nii.gz", "nrrd", "mha", "h5")
+FIELD_PRECISIONS = ("float32", "float64")
+IMAGE_FORMATS = ("nii.gz", "nrrd", "mha")
 
 
 @dataclass
@@ -82,6 +87,7 @@ class InstanceConfig:
 @dataclass
 class ExportConfig:
     field_format: str = "nii.gz"  # displacement field file: nii.gz, nrrd, mha or h5
+    field_precision: str = "float32"  # of the whole-map field: float32 or float64
     image_format: str = "nii.gz"  # warped image and labels
 
 
@@ -158,9 +164,14 @@ class RegistrationConfig:
             if value is None and defaults._value(key) is None:
                 continue  # a feature-dependent default, filled in by resolved_for
             _check_range(key, value, low, high, low_open, high_open)
-        if self.export.field_format not in ("nii.gz", "nrrd", "mha", "h5"):
+        if self.export.field_format not in FIELD_FORMATS:
             raise ConfigError("export.field_format must be nii.gz, nrrd, mha or h5.")
-        if self.export.image_format not in ("nii.gz", "nrrd", "mha"):
+        if self.export.field_precision not in FIELD_PRECISIONS:
+            raise ConfigError(
+                f"export.field_precision must be float32 or float64, not "
+                f"'{self.export.field_precision}'."
+            )
+        if self.export.image_format not in IMAGE_FORMATS:
             raise ConfigError("export.image_format must be nii.gz, nrrd or mha.")
 
     def _value(self, key: str) -> Any:
@@ -168,9 +179,6 @@ class RegistrationConfig:
         for part in key.split("."):
             node = getattr(node, part)
         return node
-
-    def stage_enabled(self, stage: str) -> bool:
-        return getattr(self, stage).enabled
 
     def resolved_for(self, features: str) -> RegistrationConfig:
         """A copy with every null (feature-dependent) setting filled from FEATURE_DEFAULTS."""
@@ -186,7 +194,7 @@ class RegistrationConfig:
 # Every numeric setting: (key, low, high, low excluded, high excluded). NaN and infinity are never
 # valid; null only where the default is null (a feature-dependent default).
 NUMERIC_RANGES: tuple[tuple[str, float, float, bool, bool], ...] = (
-    ("working_spacing_mm", 0.25, 20.0, False, False),
+    ("working_spacing_mm", *SPACING_RANGE_MM, False, False),
     ("seed", 0, 2**32 - 1, False, False),
     ("matching.grid_stride", 1, math.inf, False, True),
     ("matching.cycle_rounds", 1, math.inf, False, True),
@@ -255,6 +263,20 @@ FEATURE_DEFAULTS: dict[str, dict[str, Any]] = {
         "instance.cost_stride": 2,
     },
 }
+
+
+def parse_set_options(items: list[str]) -> dict[str, Any]:
+    """``--set KEY=VALUE`` options as configuration overrides; values are JSON where they parse."""
+    values: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set expects KEY=VALUE, not '{item}'.")
+        try:
+            values[key.strip()] = json.loads(raw)
+        except json.JSONDecodeError:
+            values[key.strip()] = raw.strip()
+    return values
 
 
 def _build(cls: type, data: dict[str, Any], prefix: str):

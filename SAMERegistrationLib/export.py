@@ -16,13 +16,10 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from . import spatial
 from .feature_export import FEATURE_MAPS_NAME, write_feature_maps
 from .matching import Matches
 from .output_folder import claim_output_folder
 from .result import RegistrationResult
-
-DEFORMABLE_SLAB_VOXELS = 2_000_000  # fixed-grid voxels sampled at once for deformable.*
 
 
 def output_names(config_export) -> dict[str, str]:
@@ -62,8 +59,8 @@ def write_outputs(
     with claim_output_folder(folder, list(names.values()), overwrite) as claim:
         staging = claim.staging
         sitk.WriteTransform(result.affine_transform(), str(staging / names["affine"]))
-        _write_field(result, staging / names["transform"])
-        write_deformable(result, staging / names["deformable"])
+        _write_whole_map(result, staging / names["transform"])
+        _write_deformable(result, staging / names["deformable"])
         if feature_maps:
             write_feature_maps(result, staging / names["feature_maps"])
         sitk.WriteImage(result.warp(moving), str(staging / names["warped"]), useCompression=True)
@@ -79,35 +76,28 @@ def write_outputs(
     return {role: Path(folder) / name for role, name in names.items()}
 
 
-def _write_field(result: RegistrationResult, path: Path) -> None:
+def _write_whole_map(result: RegistrationResult, path: Path) -> None:
+    """The whole map ``p -> A(p + u(p))`` as a displacement on the full fixed image grid."""
+    dtype = np.dtype(result.config.export.field_precision)
     if path.suffix == ".h5":
-        sitk.WriteTransform(result.transform(), str(path))
+        transform = result.alignment.sitk_transform(result.fixed_grid, dtype)
+        sitk.WriteTransform(transform, str(path))
     else:
-        field = sitk.Cast(result.displacement_image(), sitk.sitkVectorFloat32)
+        field = result.alignment.displacement_image(result.fixed_grid, dtype=dtype)
         sitk.WriteImage(field, str(path), useCompression=True)
 
 
-def write_deformable(result: RegistrationResult, path: Path) -> None:
-    """The deformable part ``u`` alone on the fixed grid (float32, LPS mm): with the affine A of
-    affine.tfm the whole map is ``p -> A (p + u(p))``, so a viewer loads the two parts as they are.
-    """
-    grid = result.fixed_grid
-    dense = torch.as_tensor(result.dense, dtype=torch.float32)[None]
-    out = np.empty((*grid.shape, 3), dtype=np.float32)
-    rows = max(1, DEFORMABLE_SLAB_VOXELS // (grid.shape[1] * grid.shape[2]))
-    y, x = np.meshgrid(np.arange(grid.shape[1]), np.arange(grid.shape[2]), indexing="ij")
-    for z0 in range(0, grid.shape[0], rows):
-        z = np.arange(z0, min(z0 + rows, grid.shape[0]))
-        index = np.stack(np.broadcast_arrays(x[None], y[None], z[:, None, None]), axis=-1)
-        points = torch.as_tensor(grid.index_to_physical(index.reshape(-1, 3)), dtype=torch.float32)
-        u = spatial.sample_points(dense, result.working_grid, points)
-        out[z0 : z0 + len(z)] = u.numpy().reshape(len(z), *x.shape, 3)
-    image = grid.apply_to(sitk.GetImageFromArray(out, isVector=True))
-    if path.name.endswith(".h5"):
-        image = sitk.Cast(image, sitk.sitkVectorFloat64)  # ITK's field transform holds doubles
-        sitk.WriteTransform(sitk.DisplacementFieldTransform(image), str(path))
+def _write_deformable(result: RegistrationResult, path: Path) -> None:
+    """The deformable part u alone, float32 on the full fixed image grid: the whole map is
+    ``affine.tfm`` applied after ``id + u``."""
+    field = result.alignment.displacement_image(result.fixed_grid, True, np.float32)
+    if path.suffix == ".h5":
+        field = sitk.Cast(
+            field, sitk.sitkVectorFloat64
+        )  # ITK's displacement transform holds doubles
+        sitk.WriteTransform(sitk.DisplacementFieldTransform(field), str(path))
     else:
-        sitk.WriteImage(image, str(path), useCompression=True)
+        sitk.WriteImage(field, str(path), useCompression=True)
 
 
 def write_matches_csv(matches: Matches, path: Path) -> None:
@@ -169,7 +159,8 @@ def build_report(result: RegistrationResult, inputs: dict, names: dict[str, str]
         "conventions": {
             "space": "LPS mm",
             "transform_direction": "fixed -> moving (resampling direction, as ITK and Slicer)",
-            "composition": "p -> A (p + u(p)); the transform file holds the whole map",
+            "composition": "p -> A (p + u(p)); the transform file holds the whole map, the "
+            "affine file A and the deformable file u (on the fixed image grid)",
         },
         "total_seconds": round(seconds, 3),
         "stages": result.stages,

@@ -8,10 +8,12 @@ Conventions used everywhere in the library:
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
-import SimpleITK as sitk
+
+SLAB_VOXELS = 4_000_000  # voxels per block when a whole image grid is visited
 
 
 @dataclass(frozen=True)
@@ -33,8 +35,9 @@ class Grid:
         object.__setattr__(self, "origin", tuple(float(s) for s in self.origin))
         object.__setattr__(self, "direction", np.asarray(self.direction, dtype=np.float64))
 
+    # SimpleITK is imported by the methods that need it, so that the core runs without it.
     @classmethod
-    def from_sitk(cls, image: sitk.Image) -> Grid:
+    def from_sitk(cls, image) -> Grid:
         size = image.GetSize()
         return cls(
             shape=(size[2], size[1], size[0]),
@@ -86,13 +89,16 @@ class Grid:
         hi = np.array(self.size_xyz) - 1
         return np.all((idx >= -margin_voxels) & (idx <= hi + margin_voxels), axis=1)
 
-    def reference_image(self) -> sitk.Image:
+    def reference_image(self):
         """An empty SimpleITK image with this geometry, for resampling onto it."""
+        import SimpleITK as sitk
+
         ref = sitk.Image(list(self.size_xyz), sitk.sitkUInt8)
         self.apply_to(ref)
         return ref
 
-    def apply_to(self, image: sitk.Image) -> sitk.Image:
+    def apply_to(self, image):
+        """Give a SimpleITK image this grid's spacing, origin and direction."""
         image.SetSpacing(self.spacing)
         image.SetOrigin(self.origin)
         image.SetDirection(tuple(self.direction.ravel()))
@@ -135,6 +141,12 @@ class Grid:
             "direction": self.direction.ravel().tolist(),
         }
 
+    @classmethod
+    def from_dict(cls, data: dict) -> Grid:
+        """The grid ``to_dict`` described."""
+        direction = np.array(data["direction"], dtype=np.float64).reshape(3, 3)
+        return cls(tuple(data["size_xyz"][::-1]), data["spacing"], data["origin"], direction)
+
 
 def axis_aligned_grid_covering(points: np.ndarray, spacing: float) -> Grid:
     """The identity-direction grid of isotropic ``spacing`` whose voxel centres cover ``points``."""
@@ -142,3 +154,17 @@ def axis_aligned_grid_covering(points: np.ndarray, spacing: float) -> Grid:
     hi = points.max(axis=0)
     size_xyz = np.ceil((hi - lo) / spacing - 1e-6).astype(int) + 1
     return Grid(tuple(size_xyz[::-1]), (spacing,) * 3, tuple(lo), np.eye(3))
+
+
+def slabs(grid: Grid, voxels: int = SLAB_VOXELS) -> Iterator[tuple[int, int, np.ndarray]]:
+    """The voxel centres of ``grid`` in slabs of whole z-slices, so that memory stays bounded.
+
+    Yields (z0, z1, points): points are the (N, 3) LPS mm centres of slices z0..z1-1 in array
+    order (z, y, x), as ``reshape(z1 - z0, H, W, 3)`` restores them.
+    """
+    rows = max(1, voxels // (grid.shape[1] * grid.shape[2]))
+    y, x = np.meshgrid(np.arange(grid.shape[1]), np.arange(grid.shape[2]), indexing="ij")
+    for z0 in range(0, grid.shape[0], rows):
+        z = np.arange(z0, min(z0 + rows, grid.shape[0]))
+        idx = np.stack(np.broadcast_arrays(x[None], y[None], z[:, None, None]), axis=-1)
+        yield z0, z0 + len(z), grid.index_to_physical(idx.reshape(-1, 3))

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,10 +17,10 @@ import SimpleITK as sitk
 from .checks import check_label_values, check_nifti_finite, check_plausible_ct
 from .errors import InputError
 from .grid import Grid, axis_aligned_grid_covering
+from .working import AIR_HU, WorkingImage
 
 log = logging.getLogger(__name__)
 
-AIR_HU = -1024.0
 BODY_THRESHOLD_HU = -500.0
 MIN_SIZE = 8  # voxels per axis on the working grid; smaller volumes cannot be registered in 3-D
 
@@ -72,10 +71,6 @@ def _read_dicom_folder(folder: Path, what: str) -> sitk.Image:
     return reader.Execute()
 
 
-def describe_source(source: ImageLike) -> str:
-    return "<in-memory image>" if isinstance(source, sitk.Image) else str(source)
-
-
 def check_ct(image: sitk.Image, name: str) -> sitk.Image:
     """Refuse images that cannot be registered; return the image as 3-D float32."""
     if image.GetNumberOfComponentsPerPixel() != 1:
@@ -123,15 +118,6 @@ def check_labels(labels: sitk.Image, image: sitk.Image, name: str) -> sitk.Image
     return labels
 
 
-@dataclass
-class WorkingImage:
-    """A CT on its working grid: HU values, a body mask, and the grid geometry."""
-
-    hu: np.ndarray  # float32 (z, y, x)
-    body: np.ndarray  # bool (z, y, x)
-    grid: Grid
-
-
 def to_working_grid(image: sitk.Image, spacing: float, margin_mm: float = 8.0) -> WorkingImage:
     """Resample onto an axis-aligned isotropic grid and crop it to the body (plus a margin)."""
     full = axis_aligned_grid_covering(Grid.from_sitk(image).corners(), spacing)
@@ -176,14 +162,3 @@ def body_mask(hu: np.ndarray) -> np.ndarray:
     closed = sitk.BinaryMorphologicalClosing(largest, [2, 2, 2])
     filled = sitk.BinaryFillhole(closed)
     return sitk.GetArrayFromImage(filled).astype(bool)
-
-
-def sam_intensity(hu: np.ndarray, body: np.ndarray) -> np.ndarray:
-    """SAM's input scaling: HU clipped to [-1024, 3071], mapped to [0, 255], minus 50; air outside."""
-    scaled = (np.clip(hu, -1024.0, 3071.0) + 1024.0) * (255.0 / 4095.0) - 50.0
-    return np.where(body, scaled, -50.0).astype(np.float32)
-
-
-def window_intensity(hu: np.ndarray, low: float = -800.0, high: float = 400.0) -> np.ndarray:
-    """HU window mapped to [-1, 1] (the soft-tissue channel SAME feeds intensity losses)."""
-    return ((np.clip(hu, low, high) - low) / (high - low) * 2.0 - 1.0).astype(np.float32)

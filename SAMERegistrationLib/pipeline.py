@@ -1,10 +1,13 @@
-"""``register``: the SAME++ stages from two CT images to one RegistrationResult."""
+"""``register``: the SAME++ stages from two CT images to one RegistrationResult.
+
+The stages run in order on one ``Alignment``: initial (a translation), matching, affine, coarse,
+deform and instance; each is ``run(fixed_maps, moving_maps, alignment, config, context)``.
+"""
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,27 +15,31 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from . import spatial
-from .config import RegistrationConfig
+from .alignment import Alignment
+from .config import STEPS, RegistrationConfig
 from .device import describe_device, memory_guard, resolve_device
 from .errors import RegistrationFailed
 from .evaluate import dice_per_label, mean_dice
 from .features import FeatureExtractor, FeatureMaps, make_extractor
 from .grid import Grid
-from .image import ImageLike, WorkingImage, check_ct, check_labels, read_image, to_working_grid
+from .image import ImageLike, check_ct, check_labels, read_image, to_working_grid
 from .matching import Matches, find_matches
 from .result import RegistrationResult
-from .stages import deform
-from .stages.affine import fit_affine
-from .stages.coarse import fit_coarse
-from .stages.initial import centroid_translation, search_translation
-from .stages.instance import optimise_instance
+from .stages import (
+    ProgressCallback,
+    StageContext,
+    deform,
+    initial,
+    seconds_since,
+    skipped,
+)
+from .stages.loop import run_stages
+from .working import WorkingImage
 
 log = logging.getLogger(__name__)
 
-# progress(stage, done, total): called as each stage advances; stage names are listed in STEPS.
-ProgressCallback = Callable[[str, int, int], None]
-STEPS = ("prepare", "features", "matching", "affine", "coarse", "deform", "instance", "finish")
+__all__ = ["STEPS", "ProgressCallback", "register", "pre_align"]
+
 MIN_OVERLAP = 0.2  # share of the fixed body that the moved moving body must cover
 
 
@@ -54,9 +61,6 @@ def register(
     if overrides:
         config = config.with_overrides({k.replace("__", "."): v for k, v in overrides.items()})
     config.validate()
-    report = progress or (lambda stage, done, total: None)
-    stages: dict[str, dict] = {}
-
     clock = time.perf_counter()
     fixed_image = check_ct(read_image(fixed, "fixed image"), "fixed image")
     moving_image = check_ct(read_image(moving, "moving image"), "moving image")
@@ -71,10 +75,10 @@ def register(
             )
     device = resolve_device(config.device)
     extractor = make_extractor(config, device)
-    config = config.resolved_for(extractor.name)
-    network, deform_source = None, "disabled"
+    config = resolved(config, extractor.name)
+    context = StageContext(device=device, progress=progress)
     if config.deform.enabled:
-        network, deform_source = deform.choose_model(
+        context.deform_model, context.deform_source = deform.choose_model(
             config.deform,
             extractor.name,
             getattr(extractor, "weights", None),
@@ -85,76 +89,51 @@ def register(
     np.random.seed(config.seed)
 
     with memory_guard(device, config.working_spacing_mm):
-        pre = pre_align(fixed_image, moving_image, config, extractor, device, report, clock)
-        stages.update(pre.stages)
-        dense, grid = pre.dense, pre.fixed.grid
-
-        clock = time.perf_counter()
-        report("deform", 0, 1)
-        if network is None:
-            if config.deform.enabled:
-                log.info("deform stage skipped: %s", deform_source)
-            stages["deform"] = _skipped(deform_source)
-        else:
-            dense, info = deform.apply_deform(
-                network, pre.fixed, pre.moving, pre.fixed_maps, pre.moving_maps, pre.affine, dense
-            )
-            stages["deform"] = {
-                "status": "done",
-                "seconds": _lap(clock),
-                "weights": deform_source,
-                **info,
-            }
-        report("deform", 1, 1)
-
-        clock = time.perf_counter()
-        if config.instance.enabled:
-            dense, info = optimise_instance(
-                pre.fixed_maps, pre.moving_maps, pre.affine, dense, grid, config.instance,
-                lambda i, n, loss: report("instance", i, n),
-            )  # fmt: skip
-            stages["instance"] = {"status": "done", "seconds": _lap(clock), **info}
-        else:
-            stages["instance"] = _skipped("disabled")
+        pre = pre_align(fixed_image, moving_image, config, extractor, device, context, clock)
+        stages = pre.stages
+        alignment = run_stages(("deform", "instance"), pre.fixed_maps, pre.moving_maps,
+                               pre.alignment, config, context, stages)  # fmt: skip
 
     clock = time.perf_counter()
     result = RegistrationResult(
         fixed_grid=Grid.from_sitk(fixed_image),
-        working_grid=grid,
-        affine=pre.affine,
-        dense=dense[0].cpu().numpy().astype(np.float32),
+        alignment=alignment,
         matches=pre.matches,
         config=config,
-        features=extractor.name,
         device=describe_device(device),
         stages=stages,
         fixed_features=pre.fixed_maps,
         moving_features=pre.moving_maps,
     )
-    result.metrics["folding_percent"] = _folding(result, pre.fixed)
+    result.metrics["folding_percent"] = alignment.folding_percent(pre.fixed.body)
     if "fixed" in labels and "moving" in labels:
         result.metrics.update(_dice_report(result, labels["fixed"], labels["moving"]))
     if "moving" in labels:
         result.warped_labels = result.warp(labels["moving"], labels=True)
-    report("finish", 1, 1)
-    stages["finish"] = {"seconds": _lap(clock)}
+    context.report("finish", 1, 1)
+    stages["finish"] = {"seconds": seconds_since(clock)}
     return result
+
+
+def resolved(config: RegistrationConfig, features: str) -> RegistrationConfig:
+    """The configuration with the feature type in use (never "auto") and its defaults filled."""
+    if config.features != features:
+        config = config.with_overrides({"features": features})
+    return config.resolved_for(features)
 
 
 @dataclass
 class PreAlignment:
-    """A pair after the affine and coarse stages: the map ``p -> A(p + dense(p))`` and its inputs."""
+    """A pair after the affine and coarse stages, and what they were computed from."""
 
     fixed: WorkingImage
     moving: WorkingImage
     fixed_maps: FeatureMaps
     moving_maps: FeatureMaps
     matches: Matches
-    affine: np.ndarray  # 4x4 fixed -> moving, LPS mm
-    dense: torch.Tensor  # (1, 3, D, H, W) mm on fixed.grid: the coarse stage's field, or zero
+    alignment: Alignment  # on fixed.grid: the affine and the coarse field (or zero)
     stages: dict[str, dict]
-    coarse: torch.Tensor | None = None  # the coarse stage's own field (mm) on coarse_grid
-    coarse_grid: Grid | None = None
+    coarse: tuple[torch.Tensor, Grid] | None = None  # the coarse field (mm) on its own grid
 
 
 def pre_align(
@@ -163,108 +142,61 @@ def pre_align(
     config: RegistrationConfig,
     extractor: FeatureExtractor,
     device: torch.device,
-    report: ProgressCallback | None = None,
+    context: StageContext | None = None,
     clock: float | None = None,
 ) -> PreAlignment:
     """Working grids, features, initial alignment, matching, and the affine and coarse stages.
 
-    ``config`` must be resolved for the extractor's feature type (``resolved_for``) and the images
+    ``config`` must be resolved for the extractor's feature type (``resolved``) and the images
     checked with ``check_ct``; ``clock`` is when the preparation started, for its timing.
     """
-    report = report or (lambda stage, done, total: None)
+    context = context or StageContext(device=device)
+    report = context.report
     clock = time.perf_counter() if clock is None else clock
     stages: dict[str, dict] = {}
     report("prepare", 0, 2)
-    fixed_work = to_working_grid(fixed_image, config.working_spacing_mm)
+    context.fixed = to_working_grid(fixed_image, config.working_spacing_mm)
     report("prepare", 1, 2)
-    moving_work = to_working_grid(moving_image, config.working_spacing_mm)
+    context.moving = to_working_grid(moving_image, config.working_spacing_mm)
     report("prepare", 2, 2)
-    stages["prepare"] = {"seconds": _lap(clock), "working_grid": fixed_work.grid.to_dict()}
+    grid = context.fixed.grid
+    stages["prepare"] = {"seconds": seconds_since(clock), "working_grid": grid.to_dict()}
 
     clock = time.perf_counter()
     report("features", 0, 2)
-    fixed_maps = extractor.extract(fixed_work)
+    fixed_maps = extractor.extract(context.fixed)
     report("features", 1, 2)
-    moving_maps = extractor.extract(moving_work)
+    moving_maps = extractor.extract(context.moving)
     report("features", 2, 2)
-    stages["features"] = {"seconds": _lap(clock), "extractor": extractor.name}
+    stages["features"] = {"seconds": seconds_since(clock), "extractor": extractor.name}
 
     clock = time.perf_counter()
-    prior, info = _initial_alignment(fixed_maps, moving_maps, config.initialisation)
-    stages["initial"] = {"seconds": _lap(clock), "method": config.initialisation, **info}
+    alignment = Alignment.identity(grid, device)
+    alignment, info = initial.run(fixed_maps, moving_maps, alignment, config, context)
+    stages["initial"] = {"seconds": seconds_since(clock), **info}
 
     clock = time.perf_counter()
     report("matching", 0, 1)
-    matches = find_matches(
-        fixed_maps, moving_maps, config.matching, prior, config.matching.search_radius_mm, device
-    )
-    report("matching", 1, 1)
-    stages["matching"] = {"seconds": _lap(clock), **matches.summary()}
-    _check_shared_anatomy(matches, config.matching.min_match_share)
-
-    affine = prior
-    clock = time.perf_counter()
-    if config.affine.enabled:
-        radii = config.affine.refine_radii_mm
-        affine, info = fit_affine(matches, config.affine)
-        for i, radius in enumerate(radii):
-            report("affine", i + 1, len(radii) + 1)
-            matches = find_matches(fixed_maps, moving_maps, config.matching, affine, radius, device)
-            affine, info = fit_affine(matches, config.affine)
-        report("affine", len(radii) + 1, len(radii) + 1)
-        stages["affine"] = {"status": "done", "seconds": _lap(clock), **info}
-    else:
-        stages["affine"] = _skipped("disabled", "initial alignment kept")
-    _check_overlap(fixed_work, moving_work, affine)
-
-    grid = fixed_work.grid
-    dense = torch.zeros((1, 3, *grid.shape), device=device)
-    coarse, coarse_grid = None, None
-    coarse_matches = matches
-    clock = time.perf_counter()
-    if config.coarse.enabled:
-        if config.coarse.rematch_radius_mm:
-            coarse_matches = find_matches(
-                fixed_maps, moving_maps, config.matching, affine,
-                config.coarse.rematch_radius_mm, device,
-            )  # fmt: skip
-        if len(coarse_matches) >= 4:
-            coarse, coarse_grid, info = fit_coarse(
-                coarse_matches, affine, grid, config.coarse, device,
-                lambda i, n, loss: report("coarse", i, n),
-            )  # fmt: skip
-            dense = spatial.resample_field(coarse, coarse_grid, grid)
-            stages["coarse"] = {"status": "done", "seconds": _lap(clock), **info}
-        else:
-            stages["coarse"] = _skipped("too few matches", f"{len(coarse_matches)} matches")
-    else:
-        stages["coarse"] = _skipped("disabled")
-    return PreAlignment(
-        fixed_work, moving_work, fixed_maps, moving_maps, matches, affine, dense, stages,
-        coarse, coarse_grid,
+    context.matches = find_matches(
+        fixed_maps, moving_maps, config.matching, alignment.affine,
+        config.matching.search_radius_mm, device,
     )  # fmt: skip
+    report("matching", 1, 1)
+    stages["matching"] = {"seconds": seconds_since(clock), **context.matches.summary()}
+    _check_shared_anatomy(context.matches, config.matching.min_match_share)
 
-
-def _lap(start: float) -> float:
-    return round(time.perf_counter() - start, 3)
-
-
-def _skipped(reason: str, detail: str | None = None) -> dict:
-    info = {"status": "skipped", "reason": reason}
-    if detail:
-        info["detail"] = detail
-    return info
-
-
-def _initial_alignment(
-    fixed: FeatureMaps, moving: FeatureMaps, mode: str
-) -> tuple[np.ndarray, dict]:
-    if mode == "search":
-        return search_translation(fixed, moving)
-    if mode == "centroid":
-        matrix = centroid_translation(fixed, moving)
-        return matrix, {"translation_mm": matrix[:3, 3].round(2).tolist()}
-    return np.eye(4), {}
+    alignment = run_stages(("affine",), fixed_maps, moving_maps, alignment, config,
+                           context, stages)  # fmt: skip
+    if not config.affine.enabled:
+        stages["affine"] = skipped("disabled", "initial alignment kept")
+    matches = context.matches  # the affine's: the coarse stage may search fresh ones for itself
+    _check_overlap(context.fixed, context.moving, alignment.affine)
+    alignment = run_stages(("coarse",), fixed_maps, moving_maps, alignment, config,
+                           context, stages)  # fmt: skip
+    return PreAlignment(
+        context.fixed, context.moving, fixed_maps, moving_maps, matches, alignment, stages,
+        context.coarse,
+    )  # fmt: skip
 
 
 def _check_shared_anatomy(matches, min_share: float) -> None:
@@ -295,15 +227,6 @@ def _check_overlap(fixed: WorkingImage, moving: WorkingImage, affine: np.ndarray
             "The scans probably show different body regions or share too little anatomy. Check "
             "the inputs; if they do overlap, try the other feature type or a finer working grid."
         )
-
-
-def _folding(result: RegistrationResult, fixed: WorkingImage) -> float:
-    """% of fixed body voxels where the total map folds; the affine's sign enters as det(A)."""
-    dense = torch.as_tensor(result.dense)[None]
-    det = spatial.jacobian_determinant(dense, result.working_grid).numpy()
-    det = det * np.linalg.det(result.affine[:3, :3])
-    inside = det[fixed.body]
-    return float((inside <= 0).mean() * 100.0) if inside.size else 0.0
 
 
 def _dice_report(result: RegistrationResult, fixed: sitk.Image, moving: sitk.Image) -> dict:

@@ -121,9 +121,15 @@ def jacobian_determinant(field: torch.Tensor, grid: Grid) -> torch.Tensor:
     return torch.linalg.det(jac)
 
 
-def folding_percent(field: torch.Tensor, grid: Grid, mask: np.ndarray | None = None) -> float:
-    """Share of voxels (inside ``mask`` when given) where the map folds (det J <= 0), in %."""
-    det = jacobian_determinant(field, grid).cpu().numpy()
+def folding_percent(
+    field: torch.Tensor, grid: Grid, mask: np.ndarray | None = None, sign: float = 1.0
+) -> float:
+    """Share of voxels (inside ``mask`` when given) where the map folds (det J <= 0), in %.
+
+    ``sign`` is that of an affine applied after the field (its determinant's), which flips
+    orientation everywhere.
+    """
+    det = jacobian_determinant(field, grid).cpu().numpy() * sign
     if mask is not None:
         det = det[mask]
     return float((det <= 0).mean() * 100.0) if det.size else 0.0
@@ -135,3 +141,14 @@ def smooth(field: torch.Tensor, passes: int, kernel: int = 3) -> torch.Tensor:
     for _ in range(passes):
         field = F.avg_pool3d(F.pad(field, (pad,) * 6, mode="replicate"), kernel, stride=1)
     return field
+
+
+def roughness(field: torch.Tensor, mean_over_axes: bool = False) -> torch.Tensor:
+    """Mean squared forward difference of a (1, C, D, H, W) field along each axis, summed.
+
+    With ``mean_over_axes`` the per-axis terms are averaged instead of summed.
+    """
+    terms = [field.diff(dim=d).pow(2).mean() for d in (2, 3, 4) if field.shape[d] > 1]
+    if not terms:
+        return field.new_zeros(())
+    return torch.stack(terms).mean() if mean_over_axes else sum(terms[1:], terms[0])

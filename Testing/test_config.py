@@ -24,7 +24,7 @@ def test_unknown_key_is_refused_with_the_valid_ones():
     "key, value",
     [("working_spacing_mm", 0.0), ("matching.grid_stride", 0), ("features", "sift"),
      ("device", "tpu"), ("coarse.enabled", "yes"), ("matching.similarity_threshold", 1.5),
-     ("affine.refine_radii_mm", [10, -1])],
+     ("affine.refine_radii_mm", [10, -1]), ("export.field_precision", "float16")],
 )  # fmt: skip
 def test_bad_values_are_refused(key, value):
     with pytest.raises(ConfigError):

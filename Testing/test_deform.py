@@ -1,25 +1,23 @@
 """SAM-deform: scaling and squaring, the correlation input, the network's shapes and units, its
-weights file, and the stage inside the pipeline (known answers on real CT)."""
+weights file (the stage itself: test_stages_deform)."""
 
 from __future__ import annotations
 
 import math
 
-import numpy as np
 import pytest
 import torch
-from conftest import require_data
 
-from SAMERegistrationLib import register, spatial
-from SAMERegistrationLib.deform.checkpoint import (
+from SAMERegistrationLib import spatial
+from SAMERegistrationLib.deform_net.checkpoint import (
     deform_meta,
     load_deform_weights,
     save_deform_weights,
 )
-from SAMERegistrationLib.deform.correlation import ZERO_OFFSET, correlation
-from SAMERegistrationLib.deform.field import displacement
-from SAMERegistrationLib.deform.network import DeformNetwork
-from SAMERegistrationLib.errors import CheckpointError, ConfigError
+from SAMERegistrationLib.deform_net.correlation import ZERO_OFFSET, correlation
+from SAMERegistrationLib.deform_net.field import displacement
+from SAMERegistrationLib.deform_net.network import DeformNetwork
+from SAMERegistrationLib.errors import CheckpointError
 from SAMERegistrationLib.features.sam_network import SAMNetwork, save_sam_checkpoint
 from SAMERegistrationLib.grid import Grid
 
@@ -115,7 +113,7 @@ def test_odd_sized_inputs_give_a_field_on_exactly_the_input_grid() -> None:
 # --- the weights file ----------------------------------------------------------------------------
 
 
-def _translation_weights(path, voxels, features="mind", correlation_input=True, spacing=4.0):
+def translation_weights(path, voxels, features="mind", correlation_input=True, spacing=4.0):
     """A network that predicts the constant velocity ``voxels`` (x, y, z) whatever it sees."""
     network = DeformNetwork(correlation=correlation_input)
     for parameter in network.parameters():
@@ -127,7 +125,7 @@ def _translation_weights(path, voxels, features="mind", correlation_input=True, 
 
 
 def test_weights_files_that_cannot_be_used_are_refused_clearly(tmp_path) -> None:
-    good = _translation_weights(tmp_path / "deform.pth", [1.0, 0.0, 0.0])
+    good = translation_weights(tmp_path / "deform.pth", [1.0, 0.0, 0.0])
     model = load_deform_weights(good)
     assert (model.variant, model.correlation, model.features) == ("svf", True, "mind")
 
@@ -150,51 +148,3 @@ def test_weights_files_that_cannot_be_used_are_refused_clearly(tmp_path) -> None
     torch.save(payload, tmp_path / "mismatch.pth")
     with pytest.raises(CheckpointError, match="encoder.1.0.weight: expected"):
         load_deform_weights(tmp_path / "mismatch.pth")
-
-
-# --- the stage in the pipeline --------------------------------------------------------------------
-
-PIPELINE = {
-    "features": "mind",
-    "device": "cpu",
-    "working_spacing_mm": 4.0,
-    "matching__grid_stride": 4,
-    "instance__enabled": False,
-}
-
-
-@pytest.fixture(scope="module")
-def ct_pair():
-    folder = require_data("openkbp")
-    return folder / "train_pt_10_ct.nii.gz", folder / "train_pt_1_ct.nii.gz"
-
-
-def test_pipeline_composes_the_deform_field_before_the_pre_alignment(ct_pair, tmp_path) -> None:
-    fixed, moving = ct_pair
-    without = register(fixed, moving, deform__enabled=False, **PIPELINE)
-    assert without.stages["deform"] == {"status": "skipped", "reason": "disabled"}
-
-    voxels = [1.0, -2.0, 0.5]  # a constant velocity: exp(v) is the translation by v
-    weights = _translation_weights(tmp_path / "deform.pth", voxels)
-    result = register(fixed, moving, deform__weights=str(weights), **PIPELINE)
-    stage = result.stages["deform"]
-    assert stage["status"] == "done" and stage["variant"] == "svf" and stage["correlation"]
-    assert stage["weights"] == str(weights)
-    assert stage["folding_percent"] == 0.0
-    assert result.dense.shape == (3, *result.working_grid.shape)
-    np.testing.assert_array_equal(result.affine, without.affine)
-    assert np.abs(without.dense).max() > 1.0  # the coarse field is not a translation
-
-    # Known answer: phi = phi_pre o (id + t), i.e. p -> A((p + t) + u_coarse(p + t)).
-    grid = result.working_grid
-    t = np.array(voxels) * np.array(grid.spacing)
-    rng = np.random.default_rng(0)
-    index = rng.integers(3, np.array(grid.size_xyz) - 3, size=(50, 3))
-    probes = grid.index_to_physical(index)
-    np.testing.assert_allclose(result.map_points(probes), without.map_points(probes + t), atol=1e-3)
-
-
-def test_deform_weights_of_other_features_are_refused_before_work(ct_pair, tmp_path) -> None:
-    weights = _translation_weights(tmp_path / "sam_deform.pth", [0.0, 0.0, 0.0], features="sam")
-    with pytest.raises(ConfigError, match="trained with sam features"):
-        register(*ct_pair, deform__weights=str(weights), **PIPELINE)

@@ -57,6 +57,39 @@ def test_displacement_file_maps_points_like_the_library(registered):
     assert error.max() < 0.5 * min(fixed.GetSpacing())
 
 
+def test_deformable_file_and_affine_file_reproduce_the_whole_map(registered):
+    result, paths, fixed, _ = registered
+    assert paths["deformable"].name == "deformable.nii.gz"
+    image = sitk.ReadImage(str(paths["deformable"]))
+    assert image.GetPixelID() == sitk.sitkVectorFloat32
+    assert Grid.from_sitk(image).matches(Grid.from_sitk(fixed))
+    u = sitk.GetArrayFromImage(image).astype(np.float64)  # (z, y, x, 3) LPS mm
+    whole = sitk.GetArrayFromImage(sitk.ReadImage(str(paths["transform"]), sitk.sitkVectorFloat64))
+    affine = sitk.ReadTransform(str(paths["affine"]))
+    matrix = np.array(affine.GetMatrix()).reshape(3, 3)
+    p = Grid.from_sitk(fixed).voxel_centres()
+    # The whole map is the affine applied after p + u(p); both files are float32.
+    rebuilt = (p + u) @ matrix.T + np.array(affine.GetTranslation()) - p
+    np.testing.assert_allclose(rebuilt, whole, atol=2e-3)
+    assert np.abs(u).max() > 0.5  # the deformable stages moved something
+
+
+def test_whole_map_precision_is_a_setting_and_features_are_resolved(tmp_path):
+    pair = demo_pair(seed=0)
+    result = register(pair.fixed, pair.moving, features="auto", coarse__iterations=5,
+                      instance__enabled=False, deform__enabled=False,
+                      export__field_precision="float64")  # fmt: skip
+    paths = write_outputs(result, tmp_path / "f64", pair.moving)
+    # "auto" is resolved once (the shipped SAM model is not preferred): the report says which.
+    report = json.loads(paths["report"].read_text())
+    assert result.features == report["features"] == report["config"]["features"] == "mind"
+    image = sitk.ReadImage(str(paths["transform"]))
+    assert image.GetPixelID() == sitk.sitkVectorFloat64
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(image), result.total_displacement())
+    deformable = sitk.ReadImage(str(paths["deformable"]))
+    assert deformable.GetPixelID() == sitk.sitkVectorFloat32  # the deformable part stays float32
+
+
 def test_affine_file_is_the_affine_stage_in_itk_convention(registered):
     result, paths, _, _ = registered
     affine = sitk.ReadTransform(str(paths["affine"]))

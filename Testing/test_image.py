@@ -5,8 +5,9 @@ import pytest
 import SimpleITK as sitk
 
 from SAMERegistrationLib.grid import Grid
-from SAMERegistrationLib.image import read_image, sam_intensity, to_working_grid
+from SAMERegistrationLib.image import read_image, to_working_grid
 from SAMERegistrationLib.synthetic import make_phantom
+from SAMERegistrationLib.working import sam_intensity
 
 
 def write_dicom_series(image: sitk.Image, folder) -> None:

@@ -95,6 +95,9 @@ def test_grid_transform_holds_displacement_in_ras_on_an_oblique_grid(scene):
 
 def synthetic_result():
     """A RegistrationResult with a strong affine and dense part, on an oblique fixed grid."""
+    import torch
+
+    from SAMERegistrationLib.alignment import Alignment
     from SAMERegistrationLib.config import RegistrationConfig
     from SAMERegistrationLib.grid import Grid, axis_aligned_grid_covering
     from SAMERegistrationLib.matching import Matches
@@ -118,9 +121,10 @@ def synthetic_result():
     ) @ np.diag([1.1, 0.95, 1.05])
     affine[:3, 3] = (12.0, -7.0, 4.0)
     none = np.zeros((0, 3))
+    alignment = Alignment(affine, torch.as_tensor(dense)[None], working)
     return RegistrationResult(
-        fixed_grid, working, affine, dense, Matches(none, none, np.zeros(0)),
-        RegistrationConfig(), "mind", "cpu",
+        fixed_grid, alignment, Matches(none, none, np.zeros(0)),
+        RegistrationConfig(features="mind"), "cpu",
     )  # fmt: skip
 
 

@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from SAMERegistrationLib.config import DeformConfig
-from SAMERegistrationLib.deform.checkpoint import (
+from SAMERegistrationLib.deform_net.checkpoint import (
     deform_meta,
     load_deform_weights,
     save_deform_weights,
 )
-from SAMERegistrationLib.deform.network import DeformNetwork
+from SAMERegistrationLib.deform_net.network import DeformNetwork
 from SAMERegistrationLib.errors import CheckpointError
 from SAMERegistrationLib.features.sam import DEFAULT_WEIGHTS as SAM_WEIGHTS
 from SAMERegistrationLib.shipped import file_sha256, verify_shipped

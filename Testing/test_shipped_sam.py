@@ -22,8 +22,9 @@ from SAMERegistrationLib.features.sam import (
     verify_shipped_weights,
 )
 from SAMERegistrationLib.features.sam_network import load_sam_checkpoint
-from SAMERegistrationLib.image import sam_intensity, to_working_grid
+from SAMERegistrationLib.image import to_working_grid
 from SAMERegistrationLib.shipped import file_sha256
+from SAMERegistrationLib.working import sam_intensity
 
 
 def test_shipped_weights_match_their_recorded_hash():

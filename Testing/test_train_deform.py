@@ -13,8 +13,10 @@ import torch
 from conftest import require_data
 
 from SAMERegistrationLib.cli import main
-from SAMERegistrationLib.deform.checkpoint import load_deform_weights
+from SAMERegistrationLib.deform_net.checkpoint import load_deform_weights
 from SAMERegistrationLib.errors import CheckpointError, ConfigError, InputError, OutputError
+from SAMERegistrationLib.features import resolve_features as registration_features
+from SAMERegistrationLib.features.sam import default_weights
 from SAMERegistrationLib.synthetic import make_phantom
 from SAMERegistrationLib.train.deform_cache import PairCache
 from SAMERegistrationLib.train.deform_trainer import (
@@ -57,6 +59,18 @@ def scans() -> list[Path]:
     folder = require_data("openkbp")
     # With seed 0 the single drawn pair is train_pt_10 (fixed) <- train_pt_1 (moving).
     return [folder / "train_pt_10_ct.nii.gz", folder / "train_pt_1_ct.nii.gz"]
+
+
+def test_features_resolve_as_registration_resolves_them() -> None:
+    # The shipped SAM model is not preferred for "auto" (its record says so): both mean MIND, so
+    # a default train-deform trains weights that a default registration uses.
+    auto = resolve_features(replace(SMALL, features="auto", sam_weights=None))
+    assert auto.features == registration_features("auto", None)[0] == "mind"
+    assert auto.sam_weights is None
+    if default_weights() is not None:  # "sam" without weights: the shipped model, in both
+        sam = resolve_features(replace(SMALL, features="sam", sam_weights=None))
+        assert registration_features("sam", None) == ("sam", default_weights())
+        assert sam.features == "sam" and sam.sam_weights == str(default_weights().resolve())
 
 
 def test_pairs_are_ordered_distinct_and_seeded(scans) -> None:

@@ -19,7 +19,6 @@ from SAMERegistrationLib.features.sam_network import (
     load_sam_checkpoint,
     save_sam_checkpoint,
 )
-from SAMERegistrationLib.image import sam_intensity
 from SAMERegistrationLib.shipped import file_sha256
 from SAMERegistrationLib.synthetic import make_phantom
 from SAMERegistrationLib.train.cli import main
@@ -43,6 +42,7 @@ from SAMERegistrationLib.train.sam_trainer import (
     train_sam,
     train_step,
 )
+from SAMERegistrationLib.working import sam_intensity
 
 SMALL_LOSS = LossConfig(
     local_queries=32,

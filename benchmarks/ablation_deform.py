@@ -82,7 +82,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def describe(weights: Path) -> str:
-    from SAMERegistrationLib.deform.checkpoint import load_deform_weights
+    from SAMERegistrationLib.deform_net.checkpoint import load_deform_weights
 
     meta = load_deform_weights(weights).meta
     return (

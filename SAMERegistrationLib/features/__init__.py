@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 
@@ -12,25 +13,43 @@ from .mind import MindExtractor
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FeatureExtractor", "FeatureMaps", "MindExtractor", "make_extractor"]
+__all__ = [
+    "FeatureExtractor",
+    "FeatureMaps",
+    "MindExtractor",
+    "make_extractor",
+    "resolve_features",
+]
 
 
-def make_extractor(config: RegistrationConfig, device: torch.device) -> FeatureExtractor:
-    """The extractor the configuration asks for.
+def resolve_features(
+    features: str, sam_weights: str | os.PathLike[str] | None
+) -> tuple[str, str | os.PathLike[str] | None]:
+    """The feature type ``features`` stands for ("sam" or "mind") and the SAM weights it uses.
 
     ``sam`` uses the given weights, else the shipped model. ``auto`` is SAM with given weights;
     without them, SAM with the shipped model only where its evaluation found it better than
-    MIND-SSC (``shipped_model_preferred``), else MIND.
+    MIND-SSC (``shipped_model_preferred``), else MIND. Without any SAM weights it is MIND.
     """
-    from .sam import SamExtractor, default_weights, shipped_model_preferred
+    from .sam import default_weights, shipped_model_preferred  # late: loads the SAM network code
 
-    if config.features == "mind":
-        return MindExtractor(device)
-    weights = config.sam_weights
-    if weights is None and (config.features == "sam" or shipped_model_preferred()):
+    if features == "mind":
+        return "mind", None
+    weights = sam_weights
+    if weights is None and (features == "sam" or shipped_model_preferred()):
         weights = default_weights()
     if weights is None:
-        if config.features == "auto":
+        if features == "auto":
             log.info("no SAM weights given: using MIND-SSC features")
+        return "mind", None
+    return "sam", weights
+
+
+def make_extractor(config: RegistrationConfig, device: torch.device) -> FeatureExtractor:
+    """The extractor the configuration asks for (see ``resolve_features``)."""
+    from .sam import SamExtractor
+
+    name, weights = resolve_features(config.features, config.sam_weights)
+    if name == "mind":
         return MindExtractor(device)
     return SamExtractor(weights, device)

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from ..grid import Grid
-from ..image import WorkingImage
+from ..working import WorkingImage
 
 
 @dataclass

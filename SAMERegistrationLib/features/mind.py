@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import spatial
-from ..image import AIR_HU, WorkingImage
+from ..working import AIR_HU, WorkingImage
 from .base import FeatureMaps, feature_grid_and_mask, unit
 
 # The six neighbours of the centre of a 3x3x3 patch, and the 12 pairs of them sqrt(2) apart.

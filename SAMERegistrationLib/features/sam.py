@@ -10,8 +10,8 @@ import torch
 from .. import spatial
 from ..errors import CheckpointError
 from ..grid import Grid
-from ..image import WorkingImage, sam_intensity
 from ..shipped import MODELS, read_record, verify_shipped
+from ..working import WorkingImage, sam_intensity
 from .base import FeatureMaps, unit
 from .sam_network import GLOBAL_STRIDE, LOCAL_STRIDE, load_sam_checkpoint
 

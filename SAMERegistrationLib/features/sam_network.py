@@ -31,7 +31,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -40,7 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from SAMERegistrationLib.errors import CheckpointError
+from ..checkpoint_io import load_weights_only, write_checkpoint
+from ..errors import CheckpointError
 
 logger = logging.getLogger(__name__)
 
@@ -239,25 +239,6 @@ def _split_checkpoint(
     return tensors, meta, [str(k) for k in state][:_SHOW]
 
 
-def _unreadable_message(path: Path, exc: Exception) -> str:
-    """Why ``torch.load(weights_only=True)`` failed on ``path``, and what the user can do."""
-    text = str(exc)
-    found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
-    if found:
-        return (
-            f"SAM weights file {path} stores a Python object ({found.group(1)}) that safe "
-            "(weights_only) loading refuses. If the file comes from a source you trust, re-save "
-            "only its weights: torch.save({'state_dict': torch.load(path, weights_only=False)"
-            "['state_dict']}, new_path), and load new_path."
-        )
-    detail = (text.strip().splitlines() or [""])[0][:200]
-    return (
-        f"SAM weights file {path} could not be read as a PyTorch checkpoint "
-        f"({type(exc).__name__}{': ' + detail if detail else ''}); it is not a torch.save file or "
-        "it is truncated or corrupt. Download or copy it again."
-    )
-
-
 def _meta_number(meta: Mapping[str, Any], key: str, kind: type, path: Path) -> Any:
     value = meta.get(key)
     if value is None:
@@ -292,10 +273,15 @@ def load_sam_checkpoint(
             "checkpoint (.pth), e.g. SAM.pth from ModelScope "
             "'viggin/Self-supervised_Anatomical_Embeddings', or one saved by this library."
         )
-    try:
-        obj = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # torch raises many types for unreadable files; all mean the same here
-        raise CheckpointError(_unreadable_message(path, exc)) from exc
+    obj = load_weights_only(
+        path,
+        map_location,
+        "SAM weights file",
+        "If the file comes from a source you trust, re-save only its weights: "
+        "torch.save({'state_dict': torch.load(path, weights_only=False)['state_dict']}, "
+        "new_path), and load new_path.",
+        "Download or copy it again.",
+    )
 
     tensors, meta, found = _split_checkpoint(obj, path)
     extra = sorted(k for k in tensors if k.startswith(_EXTRA_HEAD_PREFIXES))
@@ -376,9 +362,4 @@ def save_sam_checkpoint(
     path = Path(path)
     full_meta = {**(meta or {}), "width": model.width, "embedding_dim": model.embedding_dim}
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    partial = path.with_name(path.name + ".partial")
-    try:
-        torch.save({"state_dict": state, "meta": full_meta}, partial)
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
+    write_checkpoint({"state_dict": state, "meta": full_meta}, path)

@@ -1,4 +1,8 @@
-"""SAM-affine: least-squares affine from matched points."""
+"""SAM-affine: least-squares affine from matched points, refined by re-matching around it.
+
+Each refinement pass (``affine.refine_radii_mm``) searches fresh matches within a radius around
+the current affine's prediction and refits; the last matches become the pair's matches.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +10,31 @@ import logging
 
 import numpy as np
 
-from ..config import AffineConfig
+from ..alignment import Alignment
+from ..config import AffineConfig, RegistrationConfig
 from ..errors import RegistrationFailed
-from ..matching import Matches
+from ..features.base import FeatureMaps
+from ..matching import Matches, find_matches
+from . import StageContext
 
 log = logging.getLogger(__name__)
+
+
+def run(
+    fixed_maps: FeatureMaps, moving_maps: FeatureMaps, alignment: Alignment,
+    config: RegistrationConfig, context: StageContext,
+) -> tuple[Alignment, dict]:  # fmt: skip
+    """Fit the affine to ``context.matches``, then refine it by re-matching within each radius."""
+    radii = config.affine.refine_radii_mm or []
+    matrix, info = fit_affine(context.matches, config.affine)
+    for i, radius in enumerate(radii):
+        context.report("affine", i + 1, len(radii) + 1)
+        context.matches = find_matches(
+            fixed_maps, moving_maps, config.matching, matrix, radius, context.device
+        )
+        matrix, info = fit_affine(context.matches, config.affine)
+    context.report("affine", len(radii) + 1, len(radii) + 1)
+    return alignment.with_affine(matrix), info
 
 
 def fit_affine(matches: Matches, config: AffineConfig) -> tuple[np.ndarray, dict]:

@@ -1,7 +1,9 @@
 """SAM-coarse: a coarse displacement grid fitted to the matches with a smoothness penalty.
 
 The map is p -> A(p + u(p)) with u a coarse grid over the fixed working grid, optimised with Adam
-in normalised units (half the grid extent = 1) as SAME does, so its weights carry over.
+in normalised units (half the grid extent = 1) as SAME does, so its weights carry over. The stage
+fits u on top of the affine alone: any field of the incoming alignment is replaced. With
+``coarse.rematch_radius_mm`` it first searches fresh matches within that radius around the affine.
 """
 
 from __future__ import annotations
@@ -12,9 +14,35 @@ import numpy as np
 import torch
 
 from .. import spatial
-from ..config import CoarseConfig
+from ..alignment import Alignment
+from ..config import CoarseConfig, RegistrationConfig
+from ..features.base import FeatureMaps
 from ..grid import Grid
-from ..matching import Matches
+from ..matching import Matches, find_matches
+from . import StageContext, skipped
+
+MIN_MATCHES = 4  # fewer matches than this leave the stage out
+
+
+def run(
+    fixed_maps: FeatureMaps, moving_maps: FeatureMaps, alignment: Alignment,
+    config: RegistrationConfig, context: StageContext,
+) -> tuple[Alignment, dict]:  # fmt: skip
+    """The affine followed by a coarse field fitted to the matches (fresh ones if configured)."""
+    matches = context.matches
+    if config.coarse.rematch_radius_mm:
+        matches = find_matches(
+            fixed_maps, moving_maps, config.matching, alignment.affine,
+            config.coarse.rematch_radius_mm, context.device,
+        )  # fmt: skip
+    if len(matches) < MIN_MATCHES:
+        return alignment, skipped("too few matches", f"{len(matches)} matches")
+    coarse, grid, info = fit_coarse(
+        matches, alignment.affine, alignment.grid, config.coarse, context.device,
+        lambda i, n, loss: context.report("coarse", i, n),
+    )  # fmt: skip
+    context.coarse = (coarse, grid)
+    return alignment.with_field(spatial.resample_field(coarse, grid, alignment.grid)), info
 
 
 def coarse_grid(working: Grid, divisor: int) -> Grid:
@@ -45,7 +73,7 @@ def fit_coarse(
     for it in range(config.iterations):
         optimiser.zero_grad()
         error = _point_error(matrix, fixed, target, scale, grid, disp)
-        loss = error + config.smoothness * _roughness(disp)
+        loss = error + config.smoothness * spatial.roughness(disp)
         loss.backward()
         optimiser.step()
         if step:
@@ -63,12 +91,3 @@ def _point_error(matrix, fixed, target, scale, grid, disp_normalised) -> torch.T
     disp_mm = spatial.sample_points(disp_normalised, grid, fixed) * scale
     predicted = spatial.apply_affine(matrix, fixed + disp_mm)
     return (((predicted - target) / scale) ** 2).sum(dim=1).mean()
-
-
-def _roughness(disp: torch.Tensor) -> torch.Tensor:
-    """Mean squared finite differences along each axis, summed over axes."""
-    total = disp.new_zeros(())
-    for dim in (2, 3, 4):
-        if disp.shape[dim] > 1:
-            total = total + disp.diff(dim=dim).pow(2).mean()
-    return total

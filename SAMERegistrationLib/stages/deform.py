@@ -19,14 +19,15 @@ import numpy as np
 import torch
 
 from .. import spatial
-from ..config import DeformConfig
-from ..deform.checkpoint import DeformModel, load_deform_weights
-from ..deform.field import displacement
-from ..deform.inputs import build_inputs
+from ..alignment import Alignment
+from ..config import DeformConfig, RegistrationConfig
+from ..deform_net.checkpoint import DeformModel, load_deform_weights
+from ..deform_net.field import displacement
+from ..deform_net.inputs import build_inputs
 from ..errors import ConfigError
 from ..features.base import FeatureMaps
-from ..image import WorkingImage
 from ..shipped import MODELS, file_sha256, read_record, verify_shipped
+from . import StageContext, skipped
 
 log = logging.getLogger(__name__)
 
@@ -135,24 +136,25 @@ def load_model(
     return model
 
 
-def apply_deform(
-    model: DeformModel,
-    fixed: WorkingImage,
-    moving: WorkingImage,
-    fixed_maps: FeatureMaps,
-    moving_maps: FeatureMaps,
-    affine: np.ndarray,
-    dense: torch.Tensor,
-) -> tuple[torch.Tensor, dict]:
-    """The displacement of ``phi_pre o (id + u)`` on the fixed working grid, and diagnostics."""
-    device = dense.device
-    inputs = build_inputs(fixed, moving, fixed_maps, moving_maps, affine, dense, model.correlation)
+def run(
+    fixed_maps: FeatureMaps, moving_maps: FeatureMaps, alignment: Alignment,
+    config: RegistrationConfig, context: StageContext,
+) -> tuple[Alignment, dict]:  # fmt: skip
+    """The alignment composed after the network's field: ``phi_pre o (id + u)``."""
+    model = context.deform_model
+    if model is None:
+        log.info("deform stage skipped: %s", context.deform_source)
+        return alignment, skipped(context.deform_source)
+    fixed, moving = context.fixed, context.moving
+    device = alignment.field.device
+    inputs = build_inputs(fixed, moving, fixed_maps, moving_maps, alignment, model.correlation)
     with torch.no_grad(), torch.autocast(device.type, torch.float16, enabled=device.type == "cuda"):
         output = model.network(inputs.moving, inputs.fixed, inputs.correlation)
     with torch.no_grad():
         u = displacement(output.float(), fixed.grid, model.variant, model.integration_steps)
-        composed = spatial.compose(dense, u, fixed.grid)
+        composed = alignment.compose(u)
     info = {
+        "weights": context.deform_source,
         "variant": model.variant,
         "correlation": model.correlation,
         "network_features": model.features,

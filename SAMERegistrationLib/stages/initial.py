@@ -11,9 +11,30 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..alignment import Alignment
+from ..config import RegistrationConfig
 from ..features.base import FeatureMaps
+from . import StageContext
 
 SEARCH_SUBSAMPLING = 2  # search on every 2nd feature voxel (8 mm at the default 2 mm grid)
+
+
+def run(
+    fixed_maps: FeatureMaps, moving_maps: FeatureMaps, alignment: Alignment,
+    config: RegistrationConfig, context: StageContext | None = None,
+) -> tuple[Alignment, dict]:  # fmt: skip
+    """The starting affine (a translation) by ``config.initialisation``; the field is kept."""
+    mode = config.initialisation
+    info: dict = {"method": mode}
+    if mode == "search":
+        matrix, found = search_translation(fixed_maps, moving_maps)
+        info.update(found)
+    elif mode == "centroid":
+        matrix = centroid_translation(fixed_maps, moving_maps)
+        info["translation_mm"] = matrix[:3, 3].round(2).tolist()
+    else:
+        matrix = np.eye(4)
+    return alignment.with_affine(matrix), info
 
 
 def centroid_translation(fixed: FeatureMaps, moving: FeatureMaps) -> np.ndarray:

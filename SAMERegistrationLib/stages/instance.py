@@ -9,27 +9,36 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from .. import spatial
-from ..config import InstanceConfig
+from ..alignment import Alignment
+from ..config import InstanceConfig, RegistrationConfig
 from ..features.base import FeatureMaps
-from ..grid import Grid
-from .coarse import _roughness
+from . import StageContext
+
+
+def run(
+    fixed_maps: FeatureMaps, moving_maps: FeatureMaps, alignment: Alignment,
+    config: RegistrationConfig, context: StageContext | None = None,
+) -> tuple[Alignment, dict]:  # fmt: skip
+    """The alignment composed after the optimised refinement (id + d)."""
+    context = context or StageContext()
+    return optimise_instance(
+        fixed_maps, moving_maps, alignment, config.instance,
+        lambda i, n, loss: context.report("instance", i, n),
+    )  # fmt: skip
 
 
 def optimise_instance(
     fixed: FeatureMaps,
     moving: FeatureMaps,
-    affine: np.ndarray,
-    dense: torch.Tensor,
-    dense_grid: Grid,
+    alignment: Alignment,
     config: InstanceConfig,
     step: Callable[[int, int, float], None] | None = None,
-) -> tuple[torch.Tensor, dict]:
-    """Return the refined dense displacement on ``dense_grid`` and diagnostics."""
+) -> tuple[Alignment, dict]:
+    """Return the refined alignment and diagnostics."""
     device = fixed.local.device
     grid = fixed.grid
     scale = spatial.normalized_scale(grid).to(device).view(1, 3, 1, 1, 1)
@@ -45,7 +54,7 @@ def optimise_instance(
     points = spatial.voxel_points(grid, device)[0][body]  # (N, 3) body voxels of the fixed grid
     target = torch.cat([fixed.global_, fixed.local], dim=1)[0][:, body].T  # (N, C)
     # Moving features pulled through the current map once: M(phi(x + d)) ~ W(x + d).
-    warped = _pull_features(moving, affine, dense, dense_grid, grid)
+    warped = alignment.pull(torch.cat([moving.global_, moving.local], dim=1), moving.grid, grid)
     half = fixed.global_.shape[1]
 
     def cost(disp_normalised: torch.Tensor) -> torch.Tensor:
@@ -62,7 +71,7 @@ def optimise_instance(
         initial = -float(cost(disp)) / 2
     for it in range(config.iterations):
         optimiser.zero_grad()
-        loss = cost(disp) + config.smoothness * _roughness(disp)
+        loss = cost(disp) + config.smoothness * spatial.roughness(disp)
         loss.backward()
         optimiser.step()
         if step:
@@ -70,15 +79,5 @@ def optimise_instance(
     with torch.no_grad():
         final = -float(cost(disp)) / 2
         d = spatial.smooth(disp, config.smoothing_passes) * scale
-        d = spatial.resample_field(d, grid, dense_grid)
-        refined = spatial.compose(dense, d, dense_grid)
+        refined = alignment.compose(spatial.resample_field(d, grid, alignment.grid))
     return refined, {"similarity_before": initial, "similarity_after": final}
-
-
-def _pull_features(
-    moving: FeatureMaps, affine: np.ndarray, dense: torch.Tensor, dense_grid: Grid, grid: Grid
-) -> torch.Tensor:
-    """Moving global and local features sampled through p -> A(p + u(p)) on ``grid``."""
-    features = torch.cat([moving.global_, moving.local], dim=1)
-    matrix = torch.as_tensor(affine, dtype=torch.float32)
-    return spatial.pull(features, moving.grid, matrix, dense, dense_grid, grid)

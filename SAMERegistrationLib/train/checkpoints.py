@@ -8,7 +8,6 @@ what to do when they are damaged or belong to another run.
 
 from __future__ import annotations
 
-import os
 import random
 import re
 from collections.abc import Sequence
@@ -18,6 +17,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from ..checkpoint_io import load_weights_only
 from ..errors import CheckpointError, ConfigError
 
 _CHECKPOINT = re.compile(r"checkpoint_(\d+)\.pt$")
@@ -59,29 +59,15 @@ def training_payload(state: TrainingState) -> dict[str, Any]:
     }
 
 
-def write_checkpoint(payload: dict[str, Any], path: Path) -> None:
-    """Save atomically: an interrupted save never leaves a truncated checkpoint behind."""
-    partial = path.with_name(path.name + ".partial")
-    try:
-        torch.save(payload, partial)
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
-
-
 def read_checkpoint(
     path: Path, file_format: str, required: Sequence[str], command: str
 ) -> dict[str, Any]:
     """Read a checkpoint of ``command`` safely (weights_only, onto the CPU) and check its layout."""
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises many types for unreadable files; all mean the same here
-        detail = (str(err).strip().splitlines() or [""])[0][:200]
-        raise CheckpointError(
-            f"Training checkpoint {path} cannot be read ({type(err).__name__}: {detail}); it is "
-            "truncated or corrupt. Delete it to resume from the previous checkpoint, or start a "
-            "new run in another output folder."
-        ) from err
+    remedy = (
+        "Delete it to resume from the previous checkpoint, or start a new run in another output "
+        "folder."
+    )
+    payload = load_weights_only(path, "cpu", "Training checkpoint", remedy, remedy)
     if not isinstance(payload, dict) or payload.get("format") != file_format:
         raise CheckpointError(
             f"{path} is not a training checkpoint written by {command}. Point --resume at the "

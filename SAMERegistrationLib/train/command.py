@@ -11,6 +11,25 @@ from typing import Any
 from .checkpoints import list_checkpoints
 
 
+def add_input_arguments(parser: argparse.ArgumentParser) -> None:
+    """The scans (files or folders), -o/--output and --exclude-pattern."""
+    parser.add_argument(
+        "scans",
+        nargs="+",
+        help="CT volumes in Hounsfield units (NIfTI, NRRD, MHA ...), or folders holding only such "
+        "files (their sub-folders and hidden files are ignored)",
+    )
+    parser.add_argument("-o", "--output", required=True, type=Path, help="output folder")
+    parser.add_argument(
+        "--exclude-pattern",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="leave out files whose name or path matches this shell pattern, e.g. "
+        "'validation_*' or '*_label*' (repeatable; default: none)",
+    )
+
+
 def add_run_arguments(parser: argparse.ArgumentParser, defaults: Any) -> None:
     """--seed, --device, --checkpoint-every, --resume and --progress, defaulting to ``defaults``."""
     parser.add_argument("--seed", type=int, default=defaults.seed, help="default %(default)s")

@@ -26,7 +26,8 @@ import torch
 
 from ..errors import InputError
 from ..grid import Grid
-from ..image import AIR_HU, BODY_THRESHOLD_HU, body_mask, check_ct, read_image, sam_intensity
+from ..image import BODY_THRESHOLD_HU, body_mask, check_ct, read_image
+from ..working import AIR_HU, sam_intensity
 from .views import (
     CropConfig,
     PairBatch,

@@ -22,14 +22,16 @@ import numpy as np
 import torch
 
 from .. import spatial
+from ..alignment import Alignment
+from ..checkpoint_io import write_checkpoint
 from ..config import RegistrationConfig
-from ..deform.inputs import DeformInputs, body_window, build_inputs
+from ..deform_net.inputs import DeformInputs, body_window, build_inputs
 from ..errors import RegistrationFailed
 from ..features import make_extractor
 from ..features.base import FeatureMaps
 from ..grid import Grid
-from ..image import WorkingImage, check_ct, read_image
-from .checkpoints import write_checkpoint
+from ..image import check_ct, read_image
+from ..working import WorkingImage
 
 log = logging.getLogger(__name__)
 
@@ -48,15 +50,6 @@ class TrainingPair:
     moving_body: torch.Tensor  # (1, 1, ...) float moving body mask on its own working grid
     moving_grid: Grid
     fixed_maps: FeatureMaps | None  # fixed embeddings, when the SAM loss needs them
-
-
-def grid_to_payload(grid: Grid) -> dict[str, list]:
-    return grid.to_dict()
-
-
-def grid_from_payload(payload: dict[str, list]) -> Grid:
-    direction = np.array(payload["direction"], dtype=np.float64).reshape(3, 3)
-    return Grid(tuple(payload["size_xyz"][::-1]), payload["spacing"], payload["origin"], direction)
 
 
 def _digest(*parts: Any) -> str:
@@ -171,9 +164,9 @@ class PairCache:
             "status": "ok",
             "fixed": str(fixed),
             "moving": str(moving),
-            "affine": torch.as_tensor(pre.affine, dtype=torch.float64),
-            "coarse": None if pre.coarse is None else pre.coarse.detach().cpu(),
-            "coarse_grid": None if pre.coarse_grid is None else grid_to_payload(pre.coarse_grid),
+            "affine": torch.as_tensor(pre.alignment.affine, dtype=torch.float64),
+            "coarse": None if pre.coarse is None else pre.coarse[0].detach().cpu(),
+            "coarse_grid": None if pre.coarse is None else pre.coarse[1].to_dict(),
         }
         return entry
 
@@ -186,13 +179,13 @@ class PairCache:
             "key": key,
             "hu": torch.as_tensor(image.hu),
             "body": torch.as_tensor(image.body),
-            "grid": grid_to_payload(image.grid),
+            "grid": image.grid.to_dict(),
         }
         if self.keep_features:
             payload.update(
                 local=maps.local.detach().cpu().half(),
                 global_=maps.global_.detach().cpu().half(),
-                feature_grid=grid_to_payload(maps.grid),
+                feature_grid=maps.grid.to_dict(),
                 feature_body=torch.as_tensor(maps.body),
             )
         write_checkpoint(payload, target)
@@ -207,14 +200,14 @@ class PairCache:
                 f"The training cache lost {target}; delete {self.folder} and run again."
             )
         image = WorkingImage(
-            payload["hu"].numpy(), payload["body"].numpy(), grid_from_payload(payload["grid"])
+            payload["hu"].numpy(), payload["body"].numpy(), Grid.from_dict(payload["grid"])
         )
         maps = None
         if self.keep_features:
             maps = FeatureMaps(
                 payload["local"].to(self.device, torch.float32),
                 payload["global_"].to(self.device, torch.float32),
-                grid_from_payload(payload["feature_grid"]),
+                Grid.from_dict(payload["feature_grid"]),
                 payload["feature_body"].numpy(),
             )
         return image, maps
@@ -230,14 +223,15 @@ class PairCache:
         device = self.device
         dense = torch.zeros((1, 3, *fixed.grid.shape), device=device)
         if entry["coarse"] is not None:
-            coarse_grid = grid_from_payload(entry["coarse_grid"])
+            coarse_grid = Grid.from_dict(entry["coarse_grid"])
             dense = spatial.resample_field(entry["coarse"].to(device), coarse_grid, fixed.grid)
         affine = entry["affine"].numpy()
+        alignment = Alignment(affine, dense, fixed.grid)
         if fixed_maps is None:  # no features cached: correlation and SAM loss are off
-            inputs = build_inputs(fixed, moving, None, None, affine, dense, False)
+            inputs = build_inputs(fixed, moving, None, None, alignment, False)
         else:
             inputs = build_inputs(
-                fixed, moving, fixed_maps, moving_maps, affine, dense, correlation, True
+                fixed, moving, fixed_maps, moving_maps, alignment, correlation, True
             )
         return TrainingPair(
             inputs=inputs,

@@ -3,17 +3,39 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
-from pathlib import Path
 
+from ..config import FEATURES, parse_set_options
+from ..deform_net.field import VARIANTS
 from ..errors import SameRegistrationError
-from .command import Bars, add_run_arguments, report_interrupted
+from .command import Bars, add_input_arguments, add_run_arguments, report_interrupted
+from .deform_losses import SIMILARITIES
 from .deform_trainer import DeformTrainConfig, train_deform
 from .sam_trainer import collect_scans
 
 _DEFAULTS = DeformTrainConfig()
+# Options that set one DeformTrainConfig field each: flag, field, type, choices, help.
+_SETTINGS = [
+    ("--epochs", "epochs", int, None, "default %(default)s"),
+    ("--pairs", "pairs", int, None,
+     "ordered (fixed, moving) pairs drawn from the scans (default %(default)s)"),
+    ("--features", "features", str, FEATURES,
+     "embeddings for the pre-alignment, the correlation input and the SAM loss (default: auto, "
+     "as in registration: SAM with given weights or a preferred shipped model, else MIND)"),
+    ("--weights", "sam_weights", str, None, "SAM checkpoint (default with --features sam: the one shipped)"),
+    ("--spacing", "working_spacing_mm", float, None,
+     "working grid spacing in mm (default %(default)s); register with the same"),
+    ("--variant", "variant", str, VARIANTS,
+     "svf: velocity integrated by scaling and squaring (default); dvf: direct displacement"),
+    ("--similarity", "similarity", str, SIMILARITIES, "default lncc"),
+    ("--window", "window", int, None, "local NCC window (default 21)"),
+    ("--similarity-weight", "similarity_weight", float, None, "default %(default)s"),
+    ("--sam-loss-weight", "sam_loss_weight", float, None,
+     "weight of the SAM loss, 0 to leave it out (default %(default)s)"),
+    ("--smoothness", "smoothness", float, None, "default 0.2"),
+    ("--lr", "lr", float, None, "default %(default)s"),
+]  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,70 +46,16 @@ def build_parser() -> argparse.ArgumentParser:
         "for OpenKBP, leave validation_* and the label maps out, e.g. with --exclude-pattern "
         "'validation_*' --exclude-pattern '*_label*'.",
     )
-    parser.add_argument(
-        "scans",
-        nargs="+",
-        help="CT volumes in Hounsfield units, or folders holding only such files (their "
-        "sub-folders and hidden files are ignored)",
-    )
-    parser.add_argument("-o", "--output", required=True, type=Path, help="output folder")
-    parser.add_argument(
-        "--exclude-pattern",
-        action="append",
-        default=[],
-        metavar="PATTERN",
-        help="leave out files whose name or path matches this shell pattern (repeatable)",
-    )
-    parser.add_argument("--epochs", type=int, default=_DEFAULTS.epochs, help="default %(default)s")
-    parser.add_argument(
-        "--pairs",
-        type=int,
-        default=_DEFAULTS.pairs,
-        help="ordered (fixed, moving) pairs drawn from the scans (default %(default)s)",
-    )
-    parser.add_argument(
-        "--features",
-        choices=["auto", "sam", "mind"],
-        default=_DEFAULTS.features,
-        help="embeddings for the pre-alignment, the correlation input and the SAM loss "
-        "(default: auto, SAM when weights exist, else MIND)",
-    )
-    parser.add_argument("--weights", help="SAM checkpoint (default: the one shipped, if any)")
-    parser.add_argument(
-        "--spacing",
-        type=float,
-        default=_DEFAULTS.working_spacing_mm,
-        help="working grid spacing in mm (default %(default)s); register with the same",
-    )
-    parser.add_argument(
-        "--variant",
-        choices=["svf", "dvf"],
-        default=_DEFAULTS.variant,
-        help="svf: velocity integrated by scaling and squaring (default); dvf: direct displacement",
-    )
+    add_input_arguments(parser)
+    for flag, name, kind, choices, text in _SETTINGS:
+        parser.add_argument(
+            flag, dest=name, type=kind, choices=choices, default=getattr(_DEFAULTS, name),
+            help=text, metavar=None if choices else name.upper(),
+        )  # fmt: skip
     parser.add_argument(
         "--no-correlation",
         action="store_true",
         help="leave out the SAM correlation input (ablation)",
-    )
-    parser.add_argument(
-        "--similarity", choices=["lncc", "ncc"], default=_DEFAULTS.similarity, help="default lncc"
-    )
-    parser.add_argument(
-        "--window", type=int, default=_DEFAULTS.window, help="local NCC window (default 21)"
-    )
-    parser.add_argument(
-        "--similarity-weight", type=float, default=_DEFAULTS.similarity_weight, metavar="W"
-    )
-    parser.add_argument(
-        "--sam-loss-weight",
-        type=float,
-        default=_DEFAULTS.sam_loss_weight,
-        metavar="W",
-        help="weight of the SAM loss, 0 to leave it out (default %(default)s)",
-    )
-    parser.add_argument(
-        "--smoothness", type=float, default=_DEFAULTS.smoothness, metavar="W", help="default 0.2"
     )
     parser.add_argument(
         "--patch",
@@ -97,7 +65,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="train on a random box of this many working voxels per iteration (default: the "
         "whole fixed grid); saves memory and time, e.g. on a CPU",
     )
-    parser.add_argument("--lr", type=float, default=_DEFAULTS.lr, help="default %(default)s")
     parser.add_argument(
         "--set",
         action="append",
@@ -109,19 +76,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _overrides(items: list[str]) -> dict:
-    values = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise SameRegistrationError(f"--set expects KEY=VALUE, not '{item}'.")
-        try:
-            values[key.strip()] = json.loads(raw)
-        except json.JSONDecodeError:
-            values[key.strip()] = raw
-    return values
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run ``train-deform``; 0 on success, 2 on a user error (printed as ``error: ...``)."""
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
@@ -129,24 +83,13 @@ def main(argv: list[str] | None = None) -> int:
     bars = Bars() if args.progress == "bars" else None
     try:
         config = DeformTrainConfig(
-            epochs=args.epochs,
-            pairs=args.pairs,
-            features=args.features,
-            sam_weights=args.weights,
-            working_spacing_mm=args.spacing,
-            variant=args.variant,
+            **{name: getattr(args, name) for _, name, *_ in _SETTINGS},
             correlation=not args.no_correlation,
-            similarity=args.similarity,
-            window=args.window,
-            similarity_weight=args.similarity_weight,
-            sam_loss_weight=args.sam_loss_weight,
-            smoothness=args.smoothness,
-            lr=args.lr,
             seed=args.seed,
             device=args.device,
             checkpoint_every=args.checkpoint_every,
             patch=tuple(args.patch) if args.patch else None,
-            prealign=_overrides(args.set),
+            prealign=parse_set_options(args.set),
         )
         scans = collect_scans(args.scans, args.exclude_pattern)
         final = train_deform(

@@ -28,18 +28,12 @@ import torch
 import torch.nn.functional as F
 
 from .. import spatial
-from ..config import RegistrationConfig
-from ..deform.checkpoint import deform_meta, save_deform_weights
-from ..deform.field import VARIANTS, displacement
-from ..deform.inputs import DeformInputs
-from ..deform.losses import (
-    MASK_LEVEL,
-    SIMILARITIES,
-    masked_mean,
-    similarity_loss,
-    smoothness,
-)
-from ..deform.network import DeformNetwork
+from ..checkpoint_io import write_checkpoint
+from ..config import FEATURES, SPACING_RANGE_MM, RegistrationConfig
+from ..deform_net.checkpoint import deform_meta, save_deform_weights
+from ..deform_net.field import VARIANTS, displacement
+from ..deform_net.inputs import DeformInputs
+from ..deform_net.network import DeformNetwork
 from ..device import resolve_device
 from ..errors import CheckpointError, ConfigError, DeviceError, InputError, OutputError
 from ..features.base import FeatureMaps
@@ -53,9 +47,9 @@ from .checkpoints import (
     remove_old_checkpoints,
     restore,
     training_payload,
-    write_checkpoint,
 )
 from .deform_cache import PairCache, TrainingPair
+from .deform_losses import MASK_LEVEL, SIMILARITIES, DeformLossTerms, masked_mean, similarity_loss
 from .sam_trainer import check_scan_files
 
 log = logging.getLogger(__name__)
@@ -78,7 +72,7 @@ class DeformTrainConfig:
 
     epochs: int = 100
     pairs: int = 200  # ordered (fixed, moving) pairs drawn from the scans, no self-pairs
-    features: str = "auto"  # sam, mind, or auto (SAM when weights exist, else MIND)
+    features: str = "auto"  # sam, mind, or auto (as registration resolves it: resolve_features)
     sam_weights: str | None = None  # default: the SAM model shipped with the library
     working_spacing_mm: float = 2.0
     variant: str = "svf"  # svf (scaling and squaring) or dvf (direct displacement)
@@ -115,8 +109,14 @@ class DeformTrainConfig:
         ):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be at least 1 (got {getattr(self, name)})")
-        if self.features not in ("auto", "sam", "mind"):
-            problems.append(f"features must be auto, sam or mind (got {self.features!r})")
+        if self.features not in FEATURES:
+            problems.append(f"features must be one of {FEATURES} (got {self.features!r})")
+        low, high = SPACING_RANGE_MM
+        if not low <= self.working_spacing_mm <= high:
+            problems.append(
+                f"working_spacing_mm must lie between {low:g} and {high:g} mm "
+                f"(got {self.working_spacing_mm})"
+            )
         if self.variant not in VARIANTS:
             problems.append(f"variant must be one of {VARIANTS} (got {self.variant!r})")
         if self.similarity not in SIMILARITIES:
@@ -167,17 +167,17 @@ class DeformTrainConfig:
 
 
 def resolve_features(config: DeformTrainConfig) -> DeformTrainConfig:
-    """Fix ``auto`` to sam (with the shipped weights when none are given) or mind."""
-    from ..features.sam import default_weights  # imported late: it loads the SAM network code
+    """Fix ``auto`` as registration does (``features.resolve_features``), to sam or mind."""
+    from ..features import resolve_features as resolve  # late: it loads the SAM network code
 
-    weights = config.sam_weights or default_weights()
-    if config.features == "sam" and weights is None:
+    features, weights = resolve(config.features, config.sam_weights)
+    if config.features == "sam" and features == "mind":
         raise CheckpointError(
             "SAM features were requested for SAM-deform training but no SAM weights were given "
             "and none ship with this installation. Pass --weights PATH/TO/SAM.pth, or use "
             "--features mind."
         )
-    if config.features == "mind" or weights is None:
+    if features == "mind":
         return replace(config, features="mind", sam_weights=None)
     if not Path(weights).is_file():
         raise CheckpointError(
@@ -243,15 +243,9 @@ def random_box(config: DeformTrainConfig, iteration: int, shape: Sequence[int]) 
 # --- the step ------------------------------------------------------------------------------------
 
 
-@dataclass
-class LossTerms:
-    total: torch.Tensor
-    similarity: torch.Tensor
-    sam: torch.Tensor
-    smooth: torch.Tensor
-
-
-def deform_loss(output: torch.Tensor, pair: TrainingPair, config: DeformTrainConfig) -> LossTerms:
+def deform_loss(
+    output: torch.Tensor, pair: TrainingPair, config: DeformTrainConfig
+) -> DeformLossTerms:
     """The weighted loss of the network's ``output`` (voxels) for one pre-aligned pair."""
     grid = pair.inputs.grid
     u = displacement(output, grid, config.variant, config.integration_steps)
@@ -265,13 +259,13 @@ def deform_loss(output: torch.Tensor, pair: TrainingPair, config: DeformTrainCon
     sam = output.new_zeros(())
     if config.sam_loss_weight > 0 and pair.fixed_maps is not None:
         sam = _sam_loss(u, pair)
-    smooth = smoothness(output)
+    smooth = spatial.roughness(output, mean_over_axes=True)
     total = (
         config.similarity_weight * similarity
         + config.sam_loss_weight * sam
         + config.smoothness * smooth
     )
-    return LossTerms(total, similarity, sam, smooth)
+    return DeformLossTerms(total, similarity, sam, smooth)
 
 
 def _sam_loss(u: torch.Tensor, pair: TrainingPair) -> torch.Tensor:
@@ -311,7 +305,9 @@ def new_training_state(config: DeformTrainConfig, device: torch.device) -> Train
     return TrainingState(model, optimizer, torch.amp.GradScaler(device.type, enabled=amp), device)
 
 
-def train_step(state: TrainingState, pair: TrainingPair, config: DeformTrainConfig) -> LossTerms:
+def train_step(
+    state: TrainingState, pair: TrainingPair, config: DeformTrainConfig
+) -> DeformLossTerms:
     """One Adam step on one pair (network under float16 autocast on CUDA, the rest in float32)."""
     inputs = pair.inputs
     with torch.autocast(state.device.type, dtype=torch.float16, enabled=state.scaler.is_enabled()):

@@ -27,6 +27,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
+from ..checkpoint_io import write_checkpoint
 from ..device import resolve_device
 from ..errors import ConfigError, DeviceError, InputError, OutputError
 from ..features.sam_network import (
@@ -45,7 +46,6 @@ from .checkpoints import (
     remove_old_checkpoints,
     restore,
     training_payload,
-    write_checkpoint,
 )
 from .crops import CropConfig, CropPairDataset, PairBatch
 from .losses import LossConfig, LossTerms, sam_loss

@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any
 
 import torch
 
+from ..checkpoint_io import load_weights_only, write_checkpoint
 from ..errors import CheckpointError
 from .field import VARIANTS
 from .network import DeformNetwork
@@ -70,12 +70,7 @@ def save_deform_weights(
     """Write the weights and ``meta`` atomically (temporary name, then rename)."""
     path = Path(path)
     state = {k: v.detach().cpu() for k, v in network.state_dict().items()}
-    partial = path.with_name(path.name + ".partial")
-    try:
-        torch.save({"state_dict": state, "meta": dict(meta)}, partial)
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
+    write_checkpoint({"state_dict": state, "meta": dict(meta)}, path)
 
 
 def load_deform_weights(path: str | os.PathLike[str], map_location: Any = "cpu") -> DeformModel:
@@ -87,10 +82,13 @@ def load_deform_weights(path: str | os.PathLike[str], map_location: Any = "cpu")
             "deform_trained.pth written by 'same-register train-deform', or leave out "
             "--deform-weights (deform.weights) to register without the SAM-deform stage."
         )
-    try:
-        obj = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:  # torch raises many types for unreadable files; all mean the same here
-        raise CheckpointError(_unreadable(path, err)) from err
+    obj = load_weights_only(
+        path,
+        map_location,
+        "SAM-deform weights file",
+        "Use a file written by train-deform or save_deform_weights.",
+        "Copy it again or train a new one with train-deform.",
+    )
     state, meta = _split(obj, path)
     variant = meta.get("variant")
     if variant not in VARIANTS:
@@ -120,23 +118,6 @@ def load_deform_weights(path: str | os.PathLike[str], map_location: Any = "cpu")
         working_spacing_mm=spacing,
         sam_weights_sha256=meta.get("sam_weights_sha256"),
         meta=dict(meta),
-    )
-
-
-def _unreadable(path: Path, err: Exception) -> str:
-    text = str(err)
-    found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
-    if found:
-        return (
-            f"SAM-deform weights file {path} stores a Python object ({found.group(1)}) that safe "
-            "(weights_only) loading refuses. Use a file written by train-deform or "
-            "save_deform_weights."
-        )
-    detail = (text.strip().splitlines() or [""])[0][:200]
-    return (
-        f"SAM-deform weights file {path} could not be read as a PyTorch checkpoint "
-        f"({type(err).__name__}{': ' + detail if detail else ''}); it is not a torch.save file or "
-        "it is truncated or corrupt. Copy it again or train a new one with train-deform."
     )
 
 

@@ -4,16 +4,27 @@
   NCC (``ncc``), averaged over the voxels where the warped moving body mask exceeds 0.8;
 - SAM loss: 1 - cosine between the fixed embeddings and the moving embeddings pulled through the
   whole map, averaged over the fixed body on the feature grid;
-- smoothness: squared forward differences of the network's output (voxels), averaged per axis.
+- smoothness: squared forward differences of the network's output (voxels), averaged per axis
+  (``spatial.roughness``).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 SIMILARITIES = ("lncc", "ncc")
 MASK_LEVEL = 0.8
+
+
+@dataclass
+class DeformLossTerms:
+    total: torch.Tensor
+    similarity: torch.Tensor
+    sam: torch.Tensor
+    smooth: torch.Tensor
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -59,15 +70,3 @@ def similarity_loss(
     if kind == "ncc":
         return 1.0 - global_ncc(fixed, warped, mask)
     raise ValueError(f"similarity must be one of {SIMILARITIES}, not {kind!r}")
-
-
-def feature_loss(fixed: torch.Tensor, warped: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """1 - mean cosine between (1, C, d, h, w) embeddings inside ``mask``."""
-    cosine = F.cosine_similarity(fixed, warped, dim=1, eps=1e-6)
-    return 1.0 - masked_mean(cosine, mask)
-
-
-def smoothness(field: torch.Tensor) -> torch.Tensor:
-    """Mean over the three axes of the mean squared forward difference of a (1, 3, D, H, W) field."""
-    terms = [field.diff(dim=d).pow(2).mean() for d in (2, 3, 4) if field.shape[d] > 1]
-    return torch.stack(terms).mean() if terms else field.new_zeros(())

@@ -14,10 +14,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .. import spatial
+from ..alignment import Alignment
 from ..features.base import FeatureMaps
 from ..grid import Grid
-from ..image import WorkingImage, window_intensity
+from ..working import WorkingImage, window_intensity
 from .correlation import correlation_input
 
 
@@ -38,11 +38,11 @@ def body_window(image: WorkingImage, device: torch.device | str) -> torch.Tensor
 
 
 def pull_features(
-    moving: FeatureMaps, affine: torch.Tensor, dense: torch.Tensor, dense_grid: Grid, target: Grid
+    moving: FeatureMaps, alignment: Alignment, target: Grid
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The moving (global, local) embeddings pulled through ``p -> A(p + u(p))`` onto ``target``."""
+    """The moving (global, local) embeddings pulled through the alignment onto ``target``."""
     both = torch.cat([moving.global_.float(), moving.local.float()], dim=1)
-    pulled = spatial.pull(both, moving.grid, affine, dense, dense_grid, target)
+    pulled = alignment.pull(both, moving.grid, target)
     half = moving.global_.shape[1]
     return pulled[:, :half], pulled[:, half:]
 
@@ -52,23 +52,20 @@ def build_inputs(
     moving: WorkingImage,
     fixed_maps: FeatureMaps | None,
     moving_maps: FeatureMaps | None,
-    affine: np.ndarray,
-    dense: torch.Tensor,
+    alignment: Alignment,
     with_correlation: bool,
     keep_features: bool = False,
 ) -> DeformInputs:
-    """Network inputs for the pair pre-aligned by ``affine`` and ``dense`` (on the fixed grid).
+    """Network inputs for the pair pre-aligned by ``alignment`` (on the fixed working grid).
 
     The feature maps are needed only for the correlation or, with ``keep_features``, to return the
     pulled moving embeddings (for the SAM loss).
     """
-    device = dense.device
-    matrix = torch.as_tensor(affine, dtype=torch.float32, device=device)
-    moving_window = body_window(moving, device)
-    pulled = spatial.pull(moving_window, moving.grid, matrix, dense, fixed.grid, fixed.grid)
+    device = alignment.field.device
+    pulled = alignment.pull(body_window(moving, device), moving.grid, fixed.grid)
     corr, pulled_maps = None, None
     if with_correlation or keep_features:
-        pulled_maps = pull_features(moving_maps, matrix, dense, fixed.grid, fixed_maps.grid)
+        pulled_maps = pull_features(moving_maps, alignment, fixed_maps.grid)
     if with_correlation:
         fixed_pair = (fixed_maps.global_.float(), fixed_maps.local.float())
         corr = correlation_input(fixed_pair, pulled_maps, fixed_maps.grid, fixed.grid)
