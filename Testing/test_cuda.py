@@ -80,8 +80,8 @@ def test_registration_on_cuda_agrees_with_the_cpu():
     np.testing.assert_allclose(cuda_affine[:3, 3], cpu_affine[:3, 3], atol=1.0)
     # The shift between the phantoms is recovered on the GPU too (fixed -> moving, LPS mm).
     np.testing.assert_allclose(cuda_affine[:3, 3], [8.0, -6.0, 4.0], atol=2.0)
-    final_cpu = cpu_run.after["instance"].dense
-    final_cuda = cuda_run.after["instance"].dense.cpu()
+    final_cpu = cpu_run.after["instance"].field
+    final_cuda = cuda_run.after["instance"].field.cpu()
     assert float((final_cuda - final_cpu).abs().mean()) < 0.5  # mm
 
 

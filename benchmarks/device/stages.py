@@ -2,10 +2,8 @@
 
 It runs the pipeline's steps on two images already on their working grids (``pipeline.pre_align``
 starts from SimpleITK images, which the device has not), in the pipeline's order and with its
-settings: features, initial translation search, matching, affine (with the feature type's
-re-matching passes), coarse, deform, instance. When the stages share one signature
-(``run(fixed_maps, moving_maps, alignment, config) -> (alignment, info)``), ``register_working``
-becomes a loop over them and nothing else in the kit changes.
+settings: features, initial translation search, matching, then each stage's
+``run(fixed_maps, moving_maps, alignment, config, context)``, each timed on its own.
 """
 
 from __future__ import annotations
@@ -18,18 +16,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from SAMERegistrationLib import spatial
+from SAMERegistrationLib.alignment import Alignment
 from SAMERegistrationLib.config import RegistrationConfig
 from SAMERegistrationLib.evaluate import dice_per_label, mean_dice
 from SAMERegistrationLib.features import make_extractor
 from SAMERegistrationLib.grid import Grid
-from SAMERegistrationLib.image import WorkingImage
 from SAMERegistrationLib.matching import find_matches
-from SAMERegistrationLib.stages import deform
-from SAMERegistrationLib.stages.affine import fit_affine
-from SAMERegistrationLib.stages.coarse import fit_coarse
-from SAMERegistrationLib.stages.initial import search_translation
-from SAMERegistrationLib.stages.instance import optimise_instance
+from SAMERegistrationLib.stages import StageContext, deform, initial
+from SAMERegistrationLib.stages.loop import RUNNERS
+from SAMERegistrationLib.working import WorkingImage
 
 #: Stage names in the order they run; each is timed on its own.
 STAGES = ("features", "initial", "matching", "affine", "coarse", "deform", "instance")
@@ -84,14 +79,6 @@ def load_models(variant: str, device: torch.device) -> Models:
 
 
 @dataclass
-class Alignment:
-    """The map ``p -> A (p + dense(p))`` after a stage (dense on the fixed working grid)."""
-
-    affine: np.ndarray
-    dense: torch.Tensor
-
-
-@dataclass
 class PairRun:
     after: dict[str, Alignment] = field(default_factory=dict)  # after affine/coarse/deform/...
     info: dict[str, dict] = field(default_factory=dict)
@@ -108,59 +95,35 @@ def register_working(
     config, run = models.config, PairRun()
     torch.manual_seed(config.seed)
     np.random.seed(config.seed)
+    context = StageContext(
+        fixed=fixed,
+        moving=moving,
+        device=device,
+        deform_model=models.network,
+        deform_source=models.deform_note,
+    )
     with section("features"):
         fixed_maps = models.extractor.extract(fixed)
         moving_maps = models.extractor.extract(moving)
+    alignment = Alignment.identity(fixed.grid, device)
     with section("initial"):
-        prior, run.info["initial"] = search_translation(fixed_maps, moving_maps)
-    with section("matching"):
-        matches = find_matches(
-            fixed_maps,
-            moving_maps,
-            config.matching,
-            prior,
-            config.matching.search_radius_mm,
-            device,
+        alignment, run.info["initial"] = initial.run(
+            fixed_maps, moving_maps, alignment, config, context
         )
-    run.info["matching"] = matches.summary()
-    affine = prior
-    if config.affine.enabled:
-        with section("affine"):
-            affine, info = fit_affine(matches, config.affine)
-            for radius in config.affine.refine_radii_mm:
-                matches = find_matches(
-                    fixed_maps, moving_maps, config.matching, affine, radius, device
-                )
-                affine, info = fit_affine(matches, config.affine)
-        run.info["affine"] = info
-    grid = fixed.grid
-    dense = torch.zeros((1, 3, *grid.shape), device=device)
-    run.after["affine"] = Alignment(affine, dense)
-    if config.coarse.enabled:
-        with section("coarse"):
-            coarse_matches = matches
-            if config.coarse.rematch_radius_mm:
-                coarse_matches = find_matches(
-                    fixed_maps, moving_maps, config.matching, affine,
-                    config.coarse.rematch_radius_mm, device,
-                )  # fmt: skip
-            coarse, coarse_grid, run.info["coarse"] = fit_coarse(
-                coarse_matches, affine, grid, config.coarse, device
+    with section("matching"):
+        context.matches = find_matches(
+            fixed_maps, moving_maps, config.matching, alignment.affine,
+            config.matching.search_radius_mm, device,
+        )  # fmt: skip
+    run.info["matching"] = context.matches.summary()
+    for name in STAGES[3:]:
+        if not getattr(config, name).enabled or (name == "deform" and models.network is None):
+            continue
+        with section(name):
+            alignment, run.info[name] = RUNNERS[name](
+                fixed_maps, moving_maps, alignment, config, context
             )
-            dense = spatial.resample_field(coarse, coarse_grid, grid)
-        run.after["coarse"] = Alignment(affine, dense)
-    if models.network is not None:
-        with section("deform"):
-            dense, run.info["deform"] = deform.apply_deform(
-                models.network, fixed, moving, fixed_maps, moving_maps, affine, dense
-            )
-        run.after["deform"] = Alignment(affine, dense)
-    if config.instance.enabled:
-        with section("instance"):
-            dense, run.info["instance"] = optimise_instance(
-                fixed_maps, moving_maps, affine, dense, grid, config.instance
-            )
-        run.after["instance"] = Alignment(affine, dense)
+        run.after[name] = alignment
     return run
 
 
@@ -168,10 +131,9 @@ def warped_labels(
     moving_labels: np.ndarray, moving_grid: Grid, alignment: Alignment, fixed_grid: Grid
 ) -> np.ndarray:
     """The moving label map pulled (nearest) through the map onto the fixed working grid."""
-    dense = alignment.dense
-    volume = torch.as_tensor(moving_labels.astype(np.float32), device=dense.device)[None, None]
-    matrix = torch.as_tensor(alignment.affine, dtype=torch.float32)
-    pulled = spatial.pull(volume, moving_grid, matrix, dense, fixed_grid, fixed_grid, "nearest")
+    device = alignment.field.device
+    volume = torch.as_tensor(moving_labels.astype(np.float32), device=device)[None, None]
+    pulled = alignment.pull(volume, moving_grid, fixed_grid, "nearest")
     return pulled[0, 0].round().to(torch.uint8).cpu().numpy()
 
 
