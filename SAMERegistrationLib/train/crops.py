@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +50,8 @@ class CropConfig:
     # calibration, and the same anatomy should embed alike. Off in SAM (0, 0).
     intensity_scale: float = 0.0  # a
     intensity_shift_hu: float = 0.0  # b
+    # Only voxels inside the body are queries, keys or negatives (air carries no anatomy).
+    body_only: bool = False
 
 
 @dataclass(frozen=True)
@@ -79,6 +81,9 @@ class View:
     image: np.ndarray  # float32 (z, y, x)
     axes_mm: tuple[np.ndarray, np.ndarray, np.ndarray]  # LPS z per slice, y per row, x per column
     valid: np.ndarray  # bool (z, y, x): voxel centre inside the scan
+    # Where the local loss may use the voxel (None: wherever valid); a view drawn through a
+    # registration map is trusted only where the map is (cross_patient).
+    reliable: np.ndarray | None = None
 
 
 @dataclass
@@ -206,11 +211,12 @@ def render_view(
     noise_std: float = 0.0,
     intensity_scale: float = 0.0,
     intensity_shift_hu: float = 0.0,
+    body_only: bool = False,
 ) -> View:
     """Resample the scan onto the view (linear HU, nearest body) and scale it for SAM.
 
     With ``rng``, the HU are jittered as ``CropConfig`` describes before the scaling, and noise is
-    added after it."""
+    added after it. With ``body_only``, voxels outside the body are not valid."""
     grid = geometry.grid()
     reference = grid.reference_image()
     hu = sitk.GetArrayFromImage(
@@ -219,6 +225,23 @@ def render_view(
     body = sitk.GetArrayFromImage(
         sitk.Resample(scan.body, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
     ).astype(bool)
+    points = grid.voxel_centres().reshape(-1, 3)
+    valid = Grid.from_sitk(scan.image).contains(points, margin_voxels=0.5).reshape(grid.shape)
+    if body_only:
+        valid &= body
+    image = sam_view_intensity(hu, body, rng, noise_std, intensity_scale, intensity_shift_hu)
+    return View(image, geometry.axes_mm(), valid)
+
+
+def sam_view_intensity(
+    hu: np.ndarray,
+    body: np.ndarray,
+    rng: np.random.Generator | None,
+    noise_std: float,
+    intensity_scale: float,
+    intensity_shift_hu: float,
+) -> np.ndarray:
+    """A view's SAM input from its HU and body mask, with the jitter and noise of ``render_view``."""
     if rng is not None and (intensity_scale > 0 or intensity_shift_hu > 0):
         gain = rng.uniform(1.0 - intensity_scale, 1.0 + intensity_scale)
         hu = hu * np.float32(gain) + np.float32(
@@ -227,9 +250,7 @@ def render_view(
     image = sam_intensity(hu, body)
     if rng is not None and noise_std > 0:
         image += rng.normal(0.0, rng.uniform(0.0, noise_std), image.shape).astype(np.float32)
-    points = grid.voxel_centres().reshape(-1, 3)
-    valid = Grid.from_sitk(scan.image).contains(points, margin_voxels=0.5).reshape(grid.shape)
-    return View(image, geometry.axes_mm(), valid)
+    return image
 
 
 def feature_targets(
@@ -264,6 +285,8 @@ class PairBatch:
     global_axes: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     global_valid: torch.Tensor
     names: list[str]  # scan of each pair
+    # Per pair: True when its views come from two patients through a registration map.
+    cross_patient: list[bool] = field(default_factory=list)
 
     def to(self, device: torch.device) -> PairBatch:
         return PairBatch(
@@ -273,12 +296,22 @@ class PairBatch:
             tuple(a.to(device) for a in self.global_axes),  # type: ignore[arg-type]
             self.global_valid.to(device),
             self.names,
+            self.cross_patient,
         )
 
 
-def collate_views(views: Sequence[View], names: list[str]) -> PairBatch:
+def collate_views(
+    views: Sequence[View], names: list[str], cross_patient: list[bool] | None = None
+) -> PairBatch:
     """Stack views (pairs consecutive) with their local and global correspondence targets."""
-    local = [feature_targets(v, LOCAL_STRIDE, LOCAL_OFFSET) for v in views]
+    local = [
+        feature_targets(
+            v if v.reliable is None else View(v.image, v.axes_mm, v.valid & v.reliable),
+            LOCAL_STRIDE,
+            LOCAL_OFFSET,
+        )
+        for v in views
+    ]
     global_ = [feature_targets(v, GLOBAL_STRIDE, GLOBAL_OFFSET) for v in views]
 
     def axes(targets: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -294,6 +327,7 @@ def collate_views(views: Sequence[View], names: list[str]) -> PairBatch:
         global_axes=axes(global_),
         global_valid=torch.from_numpy(np.stack([t[1] for t in global_])),
         names=names,
+        cross_patient=cross_patient or [False] * len(names),
     )
 
 
@@ -334,6 +368,7 @@ class CropPairDataset(torch.utils.data.Dataset):
                         self.config.noise_std,
                         self.config.intensity_scale,
                         self.config.intensity_shift_hu,
+                        self.config.body_only,
                     )
                 )
             names.append(scan.name)
