@@ -425,7 +425,7 @@ def _train_loop(
         num_workers=workers,
         generator=torch.Generator().manual_seed(config.seed),
     )
-    with open(output_dir / LOG_FILE, "a") as log_file:
+    with open(output_dir / LOG_FILE, "a", buffering=1) as log_file:  # line by line, to follow
         tick = time.perf_counter()
         for batch in loader:
             terms = train_step(state, batch, config)
