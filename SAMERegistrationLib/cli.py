@@ -4,6 +4,7 @@ same-register FIXED MOVING -o OUT [options]   register two CT scans
 same-register demo -o OUT                      register a synthetic pair with a known answer
 same-register train-sam SCANS -o OUT           train the SAM network (self-supervised)
 same-register train-deform SCANS -o OUT        train the SAM-deform network on pairs of scans
+same-register sam-pair-maps SCANS -o CACHE     register training pairs for cross-patient train-sam
 """
 
 from __future__ import annotations
@@ -36,6 +37,10 @@ def main(argv: list[str] | None = None) -> int:
         from .train.cli import main as train_sam_main
 
         return train_sam_main(argv[1:])
+    if argv and argv[0] == "sam-pair-maps":
+        from .train.pair_maps_cli import main as pair_maps_main
+
+        return pair_maps_main(argv[1:])
     if argv and argv[0] == "train-deform":
         from .train.deform_cli import main as train_deform_main
 

@@ -124,11 +124,12 @@ def render_view(
     noise_std: float = 0.0,
     intensity_scale: float = 0.0,
     intensity_shift_hu: float = 0.0,
+    body_only: bool = False,
 ) -> View:
     """Resample the scan onto the view (linear HU, nearest body) and scale it for SAM.
 
     With ``rng``, the HU are jittered as ``CropConfig`` describes before the scaling, and noise is
-    added after it."""
+    added after it. With ``body_only``, voxels outside the body are not valid."""
     grid = geometry.grid()
     reference = grid.reference_image()
     hu = sitk.GetArrayFromImage(
@@ -137,6 +138,23 @@ def render_view(
     body = sitk.GetArrayFromImage(
         sitk.Resample(scan.body, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
     ).astype(bool)
+    points = grid.voxel_centres().reshape(-1, 3)
+    valid = Grid.from_sitk(scan.image).contains(points, margin_voxels=0.5).reshape(grid.shape)
+    if body_only:
+        valid &= body
+    image = sam_view_intensity(hu, body, rng, noise_std, intensity_scale, intensity_shift_hu)
+    return View(image, geometry.axes_mm(), valid)
+
+
+def sam_view_intensity(
+    hu: np.ndarray,
+    body: np.ndarray,
+    rng: np.random.Generator | None,
+    noise_std: float,
+    intensity_scale: float,
+    intensity_shift_hu: float,
+) -> np.ndarray:
+    """A view's SAM input from its HU and body mask, with the jitter and noise of ``render_view``."""
     if rng is not None and (intensity_scale > 0 or intensity_shift_hu > 0):
         gain = rng.uniform(1.0 - intensity_scale, 1.0 + intensity_scale)
         hu = hu * np.float32(gain) + np.float32(
@@ -145,9 +163,7 @@ def render_view(
     image = sam_intensity(hu, body)
     if rng is not None and noise_std > 0:
         image += rng.normal(0.0, rng.uniform(0.0, noise_std), image.shape).astype(np.float32)
-    points = grid.voxel_centres().reshape(-1, 3)
-    valid = Grid.from_sitk(scan.image).contains(points, margin_voxels=0.5).reshape(grid.shape)
-    return View(image, geometry.axes_mm(), valid)
+    return image
 
 
 class CropPairDataset(torch.utils.data.Dataset):
@@ -187,6 +203,7 @@ class CropPairDataset(torch.utils.data.Dataset):
                         self.config.noise_std,
                         self.config.intensity_scale,
                         self.config.intensity_shift_hu,
+                        self.config.body_only,
                     )
                 )
             names.append(scan.name)

@@ -37,6 +37,14 @@ class LossConfig:
     global_hard: int = 250
     global_diverse: int = 200
     global_cross: int = 300  # random negatives from the batch's other volumes
+    # Pairs of two patients through a registration map (cross_patient): the map is a teacher with
+    # errors of several mm, so local positives may lie farther and neighbours are not negatives.
+    cross_local_positive_mm: float = 8.0
+    cross_local_ignore_mm: float = 20.0
+    cross_local_weight: float = 1.0  # 0: such pairs train the global embedding only
+    # The relative-position probe on the global embedding (relative_position); 0: off.
+    position_weight: float = 0.0
+    position_samples: int = 256  # voxel pairs per crop pair
 
 
 @dataclass
@@ -44,6 +52,7 @@ class LossTerms:
     total: torch.Tensor
     local: torch.Tensor
     global_: torch.Tensor
+    position: torch.Tensor | None = None
 
 
 def sam_loss(
@@ -60,22 +69,27 @@ def sam_loss(
     local_terms, global_terms = [], []
     for pair in range(pairs):
         views = slice(2 * pair, 2 * pair + 2)
-        local_terms.append(
-            _pair_loss(
+        cross_patient = bool(batch.cross_patient) and batch.cross_patient[pair]
+        weight = config.cross_local_weight if cross_patient else 1.0
+        local_term = None
+        if weight > 0:
+            local_term = _pair_loss(
                 local[views],
                 mining=torch.cat([local[views], global_up[views]], dim=1).detach(),
                 axes=tuple(a[views] for a in batch.local_axes),
                 valid=batch.local_valid[views],
                 cross=None,
-                positive_mm=config.local_positive_mm,
+                positive_mm=config.cross_local_positive_mm
+                if cross_patient
+                else config.local_positive_mm,
                 positive_dz_mm=None,
-                ignore_mm=config.local_ignore_mm,
+                ignore_mm=config.cross_local_ignore_mm if cross_patient else config.local_ignore_mm,
                 queries=config.local_queries,
                 hard=config.local_hard,
                 diverse=config.local_diverse,
                 temperature=config.temperature,
             )
-        )
+        local_terms.append(None if local_term is None else weight * local_term)
         others = [v for v in range(local.shape[0]) if v // 2 != pair]
         cross = _flatten(global_[others])[batch.global_valid[others].reshape(-1)]
         global_terms.append(

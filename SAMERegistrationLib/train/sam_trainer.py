@@ -48,14 +48,17 @@ from .checkpoints import (
     training_payload,
 )
 from .crops import CropConfig, CropPairDataset, PairBatch
+from .cross_patient import CrossPatientDataset
 from .losses import LossConfig, LossTerms, sam_loss
+from .pair_maps import load_pair_maps
+from .relative_position import make_probe, position_loss
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "same-sam-training"
 FINAL_WEIGHTS = "sam_trained.pth"
 LOG_FILE = "train_log.tsv"
-LOG_HEADER = "iteration\tloss\tlocal\tglobal\tlr\tseconds\n"
+LOG_HEADER = "iteration\tloss\tlocal\tglobal\tposition\tlr\tseconds\n"
 CACHE_DIR = "cache"
 #: Settings a resumed run may change; any other change would break the exact continuation.
 RESUMABLE_CHANGES = ("iterations", "checkpoint_every", "keep_checkpoints", "device", "workers")
@@ -91,6 +94,12 @@ class SAMTrainConfig:
     checkpoint_every: int = 500
     keep_checkpoints: int = 2  # older checkpoints are deleted
     workers: int | None = None  # loader processes; None: 4 on CUDA, 0 (in-process) on the CPU
+    # A sam-pair-maps cache of registered training pairs (cross_patient); None: same-scan pairs only.
+    pair_maps: str | None = None
+    cross_patient_share: float = 0.5  # with pair_maps: chance that a crop pair spans two patients
+    # The local loss of cross-patient pairs uses only points where the map's local similarity
+    # (normalised cross-correlation) reaches this.
+    cross_patient_min_similarity: float = 0.3
     crops: CropConfig = field(default_factory=CropConfig)
     loss: LossConfig = field(default_factory=LossConfig)
 
@@ -145,6 +154,14 @@ class SAMTrainConfig:
         counts = ("local_queries", "local_hard", "local_diverse", "global_hard", "global_diverse")
         if any(getattr(self.loss, name) < 1 for name in counts):
             problems.append(f"loss.{', loss.'.join(counts)} must be at least 1")
+        if not 0 <= self.cross_patient_share <= 1:
+            problems.append(
+                f"cross_patient_share must lie in [0, 1] (got {self.cross_patient_share})"
+            )
+        if self.loss.cross_local_weight < 0 or self.loss.position_weight < 0:
+            problems.append("loss.cross_local_weight and loss.position_weight cannot be negative")
+        if self.loss.position_samples < 1:
+            problems.append("loss.position_samples must be at least 1")
         if self.loss.global_cross < 0:
             problems.append(f"loss.global_cross cannot be negative (got {self.loss.global_cross})")
         if problems:
@@ -269,6 +286,7 @@ class TrainingState:
     scaler: torch.amp.GradScaler
     device: torch.device
     iteration: int = 0  # iterations done
+    probe: torch.nn.Module | None = None  # the relative-position probe, never in the final weights
 
 
 def new_training_state(config: SAMTrainConfig, device: torch.device) -> TrainingState:
@@ -278,20 +296,25 @@ def new_training_state(config: SAMTrainConfig, device: torch.device) -> Training
     if config.init_weights is not None:
         model.load_state_dict(_initial_weights(config).state_dict())
     model = model.to(device).train()
+    probe = None
+    parameters = list(model.parameters())
+    if config.loss.position_weight > 0:
+        probe = make_probe(config.embedding_dim).to(device).train()
+        parameters += list(probe.parameters())
     if config.optimizer == "adam":
         optimizer: torch.optim.Optimizer = torch.optim.Adam(
-            model.parameters(), lr=config.lr, weight_decay=config.weight_decay
+            parameters, lr=config.lr, weight_decay=config.weight_decay
         )
     else:
         optimizer = torch.optim.SGD(
-            model.parameters(),
+            parameters,
             lr=config.lr,
             momentum=config.momentum,
             weight_decay=config.weight_decay,
         )
     amp = config.mixed_precision and device.type == "cuda"
     scaler = torch.amp.GradScaler(device.type, enabled=amp)
-    return TrainingState(model, optimizer, scaler, device)
+    return TrainingState(model, optimizer, scaler, device, probe=probe)
 
 
 def _initial_weights(config: SAMTrainConfig) -> SAMNetwork:
@@ -318,6 +341,7 @@ def save_training_checkpoint(
         # "state_dict" and "meta" make the file loadable by load_sam_checkpoint as it is.
         "meta": {"width": state.model.width, "embedding_dim": state.model.embedding_dim},
         **training_payload(state),
+        "probe": state.probe.state_dict() if state.probe is not None else {},
     }
     write_checkpoint(payload, path)
 
@@ -367,6 +391,9 @@ def train_step(state: TrainingState, batch: PairBatch, config: SAMTrainConfig) -
     with torch.autocast(state.device.type, dtype=torch.float16, enabled=state.scaler.is_enabled()):
         local, global_ = state.model(batch.images)
     terms = sam_loss(local, global_, batch, config.loss)
+    if state.probe is not None:
+        terms.position = position_loss(state.probe, global_, batch, config.loss.position_samples)
+        terms.total = terms.total + config.loss.position_weight * terms.position
     if not state.scaler.is_enabled() and not torch.isfinite(terms.total):
         raise ConfigError(
             f"SAM training diverged at iteration {state.iteration + 1} (loss {terms.total.item()}). "
@@ -383,7 +410,7 @@ def train_step(state: TrainingState, batch: PairBatch, config: SAMTrainConfig) -
 def _train_loop(
     state: TrainingState,
     config: SAMTrainConfig,
-    dataset: CropPairDataset,
+    dataset: CropPairDataset | CrossPatientDataset,
     paths: Sequence[Path],
     output_dir: Path,
     workers: int,
@@ -398,7 +425,7 @@ def _train_loop(
         num_workers=workers,
         generator=torch.Generator().manual_seed(config.seed),
     )
-    with open(output_dir / LOG_FILE, "a") as log_file:
+    with open(output_dir / LOG_FILE, "a", buffering=1) as log_file:  # line by line, to follow
         tick = time.perf_counter()
         for batch in loader:
             terms = train_step(state, batch, config)
@@ -406,7 +433,9 @@ def _train_loop(
             now = time.perf_counter()
             log_file.write(
                 f"{state.iteration}\t{loss:.5f}\t{terms.local.item():.5f}\t"
-                f"{terms.global_.item():.5f}\t{learning_rate(config, state.iteration - 1):.6g}\t"
+                f"{terms.global_.item():.5f}\t"
+                f"{terms.position.item() if terms.position is not None else 0.0:.5f}\t"
+                f"{learning_rate(config, state.iteration - 1):.6g}\t"
                 f"{now - tick:.3f}\n"
             )
             tick = now
@@ -440,6 +469,7 @@ def train_sam(
     config = config or SAMTrainConfig()
     config.validate()
     paths = check_scan_files(scans)
+    pair_files = load_pair_maps(config.pair_maps, paths) if config.pair_maps is not None else []
     output_dir = Path(output_dir)
     device = resolve_device(config.device)
     existing = list_checkpoints(output_dir)
@@ -463,6 +493,8 @@ def train_sam(
         payload = load_training_checkpoint(path)
         _check_same_run(payload, config, paths, path)
         restore(state, payload, path)
+        if state.probe is not None:
+            state.probe.load_state_dict(payload["probe"])
         log.info("Resuming SAM training from %s (iteration %d)", path, state.iteration)
     elif resume:
         log.warning("No checkpoint in %s: starting a new SAM training run.", output_dir)
@@ -473,9 +505,27 @@ def train_sam(
     prepare_log(output_dir / LOG_FILE, LOG_HEADER, state.iteration)
 
     workers = config.workers if config.workers is not None else (4 if device.type == "cuda" else 0)
-    dataset = CropPairDataset(
-        paths, config.crops, config.batch, config.seed, output_dir / CACHE_DIR
-    )
+    dataset: CropPairDataset | CrossPatientDataset
+    if pair_files:
+        log.info(
+            "Cross-patient pairs: %.0f %% of the crop pairs, through %d cached maps",
+            100 * config.cross_patient_share,
+            len(pair_files),
+        )
+        dataset = CrossPatientDataset(
+            paths,
+            pair_files,
+            config.crops,
+            config.batch,
+            config.seed,
+            config.cross_patient_share,
+            config.cross_patient_min_similarity,
+            output_dir / CACHE_DIR,
+        )
+    else:
+        dataset = CropPairDataset(
+            paths, config.crops, config.batch, config.seed, output_dir / CACHE_DIR
+        )
     try:
         _train_loop(state, config, dataset, paths, output_dir, workers, progress)
     except torch.OutOfMemoryError as err:
@@ -490,6 +540,8 @@ def train_sam(
         "patch": list(config.crops.patch),
         "scans": len(paths),
     }
+    if config.pair_maps is not None:
+        meta["cross_patient_share"] = config.cross_patient_share
     if config.init_weights is not None:
         meta["init_weights"] = Path(config.init_weights).name
         meta["init_weights_sha256"] = record["init_weights_sha256"]

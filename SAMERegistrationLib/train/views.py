@@ -10,7 +10,7 @@ with ``crops``, which renders them from scan files with SimpleITK.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
@@ -40,6 +40,8 @@ class CropConfig:
     # calibration, and the same anatomy should embed alike. Off in SAM (0, 0).
     intensity_scale: float = 0.0  # a
     intensity_shift_hu: float = 0.0  # b
+    # Only voxels inside the body are queries, keys or negatives (air carries no anatomy).
+    body_only: bool = False
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,9 @@ class View:
     image: np.ndarray  # float32 (z, y, x)
     axes_mm: tuple[np.ndarray, np.ndarray, np.ndarray]  # LPS z per slice, y per row, x per column
     valid: np.ndarray  # bool (z, y, x): voxel centre inside the scan
+    # Where the local loss may use the voxel (None: wherever valid); a view drawn through a
+    # registration map is trusted only where the map is (cross_patient).
+    reliable: np.ndarray | None = None
 
 
 class BodyBox(Protocol):
@@ -149,6 +154,8 @@ class PairBatch:
     global_axes: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     global_valid: torch.Tensor
     names: list[str]  # scan of each pair
+    # Per pair: True when its views come from two patients through a registration map.
+    cross_patient: list[bool] = field(default_factory=list)
 
     def to(self, device: torch.device) -> PairBatch:
         return PairBatch(
@@ -158,12 +165,22 @@ class PairBatch:
             tuple(a.to(device) for a in self.global_axes),  # type: ignore[arg-type]
             self.global_valid.to(device),
             self.names,
+            self.cross_patient,
         )
 
 
-def collate_views(views: Sequence[View], names: list[str]) -> PairBatch:
+def collate_views(
+    views: Sequence[View], names: list[str], cross_patient: list[bool] | None = None
+) -> PairBatch:
     """Stack views (pairs consecutive) with their local and global correspondence targets."""
-    local = [feature_targets(v, LOCAL_STRIDE, LOCAL_OFFSET) for v in views]
+    local = [
+        feature_targets(
+            v if v.reliable is None else View(v.image, v.axes_mm, v.valid & v.reliable),
+            LOCAL_STRIDE,
+            LOCAL_OFFSET,
+        )
+        for v in views
+    ]
     global_ = [feature_targets(v, GLOBAL_STRIDE, GLOBAL_OFFSET) for v in views]
 
     def axes(targets: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -179,4 +196,5 @@ def collate_views(views: Sequence[View], names: list[str]) -> PairBatch:
         global_axes=axes(global_),
         global_valid=torch.from_numpy(np.stack([t[1] for t in global_])),
         names=names,
+        cross_patient=cross_patient or [False] * len(names),
     )
