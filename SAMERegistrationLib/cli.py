@@ -221,6 +221,8 @@ def _register_and_write(args: argparse.Namespace):
         print(json.dumps({"finished": True, "report": str(paths["report"])}), flush=True)
     else:
         _print_summary(result, paths, time.perf_counter() - started)
+    for warning in result.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     return result
 
 

@@ -20,6 +20,16 @@ STAGES = ("affine", "coarse", "deform", "instance")
 
 
 @dataclass
+class InitialPoseConfig:
+    # A rigid pose from coarse HU before the feature stages: re-orients a moving scan rotated
+    # beyond angle_threshold_deg, and replaces an initial translation that disagrees with it.
+    enabled: bool = True
+    rotation_search: bool = True  # off: translations only
+    angle_threshold_deg: float = 15.0  # smaller rotations are left to the affine stage
+    spacing_mm: float = 8.0  # grid of the search
+
+
+@dataclass
 class MatchingConfig:
     grid_stride: int = 8  # working-grid voxels between query points in the moving image
     cycle_rounds: int = 5  # SSCC rounds (q -> m -> q')
@@ -92,6 +102,7 @@ class RegistrationConfig:
     # centroid: body centres on each other; identity: the scanner coordinates as they are.
     initialisation: str = "search"
     seed: int = 0
+    initial_pose: InitialPoseConfig = field(default_factory=InitialPoseConfig)
     matching: MatchingConfig = field(default_factory=MatchingConfig)
     affine: AffineConfig = field(default_factory=AffineConfig)
     coarse: CoarseConfig = field(default_factory=CoarseConfig)
@@ -182,6 +193,10 @@ class RegistrationConfig:
                 raise ConfigError(f"{name} must not be negative, not {value}.")
         if self.instance.cost_stride is not None and self.instance.cost_stride < 1:
             raise ConfigError("instance.cost_stride must be at least 1.")
+        if not 2.0 <= self.initial_pose.spacing_mm <= 20.0:
+            raise ConfigError("initial_pose.spacing_mm must lie between 2 and 20 mm.")
+        if not 0.0 <= self.initial_pose.angle_threshold_deg <= 180.0:
+            raise ConfigError("initial_pose.angle_threshold_deg must lie between 0 and 180.")
         if self.export.field_format not in ("nii.gz", "nrrd", "mha", "h5"):
             raise ConfigError("export.field_format must be nii.gz, nrrd, mha or h5.")
         if self.export.image_format not in ("nii.gz", "nrrd", "mha"):

@@ -20,12 +20,13 @@ from .evaluate import dice_per_label, mean_dice
 from .features import FeatureExtractor, FeatureMaps, make_extractor
 from .grid import Grid
 from .image import ImageLike, WorkingImage, check_ct, check_labels, read_image, to_working_grid
+from .initial_pose import find_initial_pose
 from .matching import Matches, find_matches
 from .result import RegistrationResult
 from .stages import deform
 from .stages.affine import fit_affine
 from .stages.coarse import fit_coarse
-from .stages.initial import centroid_translation, search_translation
+from .stages.initial import body_centre, centroid_translation, search_translation
 from .stages.instance import optimise_instance
 
 log = logging.getLogger(__name__)
@@ -34,6 +35,7 @@ log = logging.getLogger(__name__)
 ProgressCallback = Callable[[str, int, int], None]
 STEPS = ("prepare", "features", "matching", "affine", "coarse", "deform", "instance", "finish")
 MIN_OVERLAP = 0.2  # share of the fixed body that the moved moving body must cover
+POSE_AGREEMENT_MM = 30.0  # the feature search's translation is kept within this of the HU pose
 
 
 def register(
@@ -84,8 +86,16 @@ def register(
     torch.manual_seed(config.seed)
     np.random.seed(config.seed)
 
+    # The rigid pose from HU; later stages see the moving image re-oriented when it is rotated.
+    pose = find_initial_pose(fixed_image, moving_image, config.initial_pose)
+    stages["initial_pose"] = pose.info
+    moving_image = pose.moving
+    clock += pose.info.get("seconds", 0.0)  # "prepare" times the reading and checks only
+
     with memory_guard(device, config.working_spacing_mm):
-        pre = pre_align(fixed_image, moving_image, config, extractor, device, report, clock)
+        pre = pre_align(
+            fixed_image, moving_image, config, extractor, device, report, clock, pose.prior
+        )
         stages.update(pre.stages)
         dense, grid = pre.dense, pre.fixed.grid
 
@@ -118,12 +128,14 @@ def register(
             stages["instance"] = _skipped("disabled")
 
     clock = time.perf_counter()
+    matches = pre.matches
+    matches.moving = pose.to_original(matches.moving)
     result = RegistrationResult(
         fixed_grid=Grid.from_sitk(fixed_image),
         working_grid=grid,
-        affine=pre.affine,
+        affine=pose.compose(pre.affine),
         dense=dense[0].cpu().numpy().astype(np.float32),
-        matches=pre.matches,
+        matches=matches,
         config=config,
         features=extractor.name,
         device=describe_device(device),
@@ -131,6 +143,9 @@ def register(
         fixed_features=pre.fixed_maps,
         moving_features=pre.moving_maps,
     )
+    result.warnings = pose.warnings + pose.final_warnings(result.affine)
+    for warning in result.warnings:
+        log.warning(warning)
     result.metrics["folding_percent"] = _folding(result, pre.fixed)
     if "fixed" in labels and "moving" in labels:
         result.metrics.update(_dice_report(result, labels["fixed"], labels["moving"]))
@@ -165,11 +180,13 @@ def pre_align(
     device: torch.device,
     report: ProgressCallback | None = None,
     clock: float | None = None,
+    pose: np.ndarray | None = None,
 ) -> PreAlignment:
     """Working grids, features, initial alignment, matching, and the affine and coarse stages.
 
     ``config`` must be resolved for the extractor's feature type (``resolved_for``) and the images
-    checked with ``check_ct``; ``clock`` is when the preparation started, for its timing.
+    checked with ``check_ct``; ``clock`` is when the preparation started, for its timing; ``pose``
+    is a rigid fixed -> moving pose from HU (``initial_pose``) that checks the initial translation.
     """
     report = report or (lambda stage, done, total: None)
     clock = time.perf_counter() if clock is None else clock
@@ -190,7 +207,7 @@ def pre_align(
     stages["features"] = {"seconds": _lap(clock), "extractor": extractor.name}
 
     clock = time.perf_counter()
-    prior, info = _initial_alignment(fixed_maps, moving_maps, config.initialisation)
+    prior, info = _initial_alignment(fixed_maps, moving_maps, config.initialisation, pose)
     stages["initial"] = {"seconds": _lap(clock), "method": config.initialisation, **info}
 
     clock = time.perf_counter()
@@ -257,14 +274,38 @@ def _skipped(reason: str, detail: str | None = None) -> dict:
 
 
 def _initial_alignment(
-    fixed: FeatureMaps, moving: FeatureMaps, mode: str
+    fixed: FeatureMaps, moving: FeatureMaps, mode: str, pose: np.ndarray | None = None
 ) -> tuple[np.ndarray, dict]:
     if mode == "search":
-        return search_translation(fixed, moving)
+        matrix, info = search_translation(fixed, moving)
+        return _checked_by_pose(matrix, info, pose, body_centre(fixed))
     if mode == "centroid":
         matrix = centroid_translation(fixed, moving)
         return matrix, {"translation_mm": matrix[:3, 3].round(2).tolist()}
     return np.eye(4), {}
+
+
+def _checked_by_pose(
+    matrix: np.ndarray, info: dict, pose: np.ndarray | None, centre: np.ndarray
+) -> tuple[np.ndarray, dict]:
+    """The feature search's translation, or the HU pose where the two disagree at the body.
+
+    Global features are not unique along a body (a neck resembles a chest wall), so with different
+    fields of view the feature search can land far along z; the HU pose compares whole bodies.
+    """
+    if pose is None:
+        return matrix, info
+    apart = float(np.linalg.norm(_apply(matrix, centre) - _apply(pose, centre)))
+    info["distance_to_pose_mm"] = round(apart, 1)
+    if apart <= POSE_AGREEMENT_MM:
+        return matrix, info
+    log.info("initial translation from the HU pose (the feature search was %.0f mm off)", apart)
+    info["replaced_by"] = "initial_pose"
+    return pose, info
+
+
+def _apply(matrix: np.ndarray, point: np.ndarray) -> np.ndarray:
+    return matrix[:3, :3] @ point + matrix[:3, 3]
 
 
 def _check_shared_anatomy(matches, min_share: float) -> None:

@@ -19,11 +19,12 @@ SEARCH_SUBSAMPLING = 2  # search on every 2nd feature voxel (8 mm at the default
 def centroid_translation(fixed: FeatureMaps, moving: FeatureMaps) -> np.ndarray:
     """4x4 fixed->moving translation putting the body centres on each other."""
     matrix = np.eye(4)
-    matrix[:3, 3] = _centre(moving) - _centre(fixed)
+    matrix[:3, 3] = body_centre(moving) - body_centre(fixed)
     return matrix
 
 
-def _centre(maps: FeatureMaps) -> np.ndarray:
+def body_centre(maps: FeatureMaps) -> np.ndarray:
+    """The body's centroid, LPS mm."""
     zyx = np.argwhere(maps.body).mean(axis=0)
     return maps.grid.index_to_physical(zyx[::-1][None])[0]
 
