@@ -2,8 +2,9 @@
 
 CT values are calibrated (HU), so coarse HU values are the same scalars whatever the patient's
 orientation; unlike MIND or SAM descriptors they can be compared under any rotation. The search
-scores the 24 axis-aligned rotations, refines the best (and a close second) by hill climbing in steps of
-30 down to 3.75 degrees, and for each rotation scores every translation at once by FFT: the normalised
+scores the 24 axis-aligned rotations (each also turned 45 degrees about each axis), refines the
+best (and a close second) by hill climbing in steps of 30 down to 3.75 degrees, and for each
+rotation scores every translation at once by FFT: the normalised
 cross-correlation of HU over the overlap of the two bodies, among shifts where that overlap covers
 most of the SMALLER body (a longer scan's extra anatomy neither dilutes nor pulls the score).
 
@@ -29,12 +30,15 @@ from .grid import Grid
 from .image import to_working_grid
 
 HU_RANGE = (-1000.0, 1500.0)  # lungs to cortical bone; metal and air outside add nothing
-MIN_OVERLAP = 0.5  # share of the smaller body the overlap must cover for a shift to count
+MIN_OVERLAP = 0.7  # share of the smaller body the overlap must cover for a shift to count
+# ... on the rough grid of rotations, which may be 40 degrees off the truth
+ROUGH_MIN_OVERLAP = 0.5
 REFINE_STEPS_DEG = (30.0, 15.0, 7.5, 3.75)
 CLIMBS = 2  # at most this many axis-aligned rotations are refined by hill climbing
 CLOSE_START = 0.1  # ... the second only when it scores within this of the best
-MIN_GAIN = 0.05  # a rotation is applied only if it beats no rotation by this much NCC
-TRUSTED_SIMILARITY = 0.3  # below this the pose neither re-orients nor overrides the translation
+MIN_GAIN = 0.1  # a rotation is applied only if it beats no rotation by this much NCC ...
+ROTATION_SIMILARITY = 0.6  # ... and reaches this NCC
+TRUSTED_SIMILARITY = 0.2  # below this the pose does not check the initial translation
 AMBIGUITY = 0.03  # a distinct rotation this close to the best one makes the pose ambiguous
 MAX_ROTATION_CHANGE_DEG = 20.0  # the final affine turning this far from the pose is suspicious
 FINAL_SIMILARITY_DROP = 0.15  # the final affine scoring this far below the pose is suspicious
@@ -56,8 +60,10 @@ class PoseSearch:
 
     matrix: np.ndarray
     similarity: float  # masked NCC of HU over the bodies' overlap
-    identity_similarity: float  # the best translation without rotation
-    runner_up_similarity: float  # the best rotation more than 45 degrees from the chosen one
+    overlap_share: float  # of the smaller body, under the best pose
+    identity: np.ndarray  # the best pose without rotation
+    identity_similarity: float
+    runner_up_similarity: float  # the best rotation more than 60 degrees from the chosen one
     evaluations: int
 
 
@@ -100,9 +106,9 @@ class InitialPose:
                 f"affine, {self.similarity:.2f} under the initial pose): the result is probably "
                 "wrong. Check that both scans show the same body region."
             )
-        pose = self.info.get("pose_matrix")
-        if pose is not None and self.similarity >= TRUSTED_SIMILARITY:
-            turn = rotation_angle_deg(_rotation_part(affine) @ np.asarray(pose)[:3, :3].T)
+        if self.prior is not None:
+            used = self.reorientation @ self.prior
+            turn = rotation_angle_deg(_rotation_part(affine) @ used[:3, :3].T)
             self.info["final_rotation_change_deg"] = round(turn, 1)
             if turn > MAX_ROTATION_CHANGE_DEG:
                 found.append(
@@ -124,38 +130,35 @@ def find_initial_pose(
     search = search_pose(fixed_coarse, moving_coarse, config.rotation_search)
     pose = search.matrix
     angle = rotation_angle_deg(pose[:3, :3])
-    trusted = search.similarity >= TRUSTED_SIMILARITY
+    rotated = angle > config.angle_threshold_deg
+    # Scanners record the orientation, so a large rotation needs strong evidence: a close fit
+    # that clearly beats the best pose without rotation.
     rotate = (
-        trusted
-        and angle > config.angle_threshold_deg
+        rotated
+        and search.similarity >= ROTATION_SIMILARITY
         and search.similarity >= search.identity_similarity + MIN_GAIN
     )
+    if rotated and not rotate:
+        pose, similarity = search.identity, search.identity_similarity
+    else:
+        similarity = search.similarity
+    trusted = similarity >= TRUSTED_SIMILARITY
     reorientation = pose if rotate else np.eye(4)
-    warnings = []
-    if not trusted:
-        warnings.append(
-            f"The initial pose search found little agreement between the scans' HU (correlation "
-            f"{search.similarity:.2f}); the scans may show different body regions."
-        )
-    elif angle > config.angle_threshold_deg and search.runner_up_similarity > (
-        search.similarity - AMBIGUITY
-    ):
-        warnings.append(
-            f"The scans' orientation is ambiguous: a rotation of {angle:.0f} degrees and one at "
-            "least 45 degrees from it fit almost equally well. Check the result visually."
-        )
+    warnings = _pose_warnings(search, angle, rotated, rotate, trusted)
     info = {
         "status": "done",
         "seconds": round(time.perf_counter() - clock, 3),
         "spacing_mm": config.spacing_mm,
-        "rotation_deg": round(angle, 1),
-        "translation_mm": pose[:3, 3].round(2).tolist(),
-        "pose_matrix": pose.round(6).tolist(),
-        "similarity": round(search.similarity, 3),
+        "best_rotation_deg": round(angle, 1),
+        "best_similarity": round(search.similarity, 3),
         "similarity_without_rotation": round(search.identity_similarity, 3),
         "runner_up_similarity": round(search.runner_up_similarity, 3),
         "rotations_scored": search.evaluations,
         "reoriented": bool(rotate),
+        "pose_matrix": pose.round(6).tolist(),
+        "similarity": round(similarity, 3),
+        "overlap_share": round(search.overlap_share, 3),
+        "used_as_prior": bool(trusted),
     }
     return InitialPose(
         moving=reorient(moving, reorientation) if rotate else moving,
@@ -165,8 +168,32 @@ def find_initial_pose(
         warnings=warnings,
         fixed_coarse=fixed_coarse,
         moving_coarse=moving_coarse,
-        similarity=search.similarity,
+        similarity=similarity,
     )
+
+
+def _pose_warnings(
+    search: PoseSearch, angle: float, rotated: bool, rotate: bool, trusted: bool
+) -> list[str]:
+    warnings = []
+    if rotated and not rotate and search.similarity >= search.identity_similarity + MIN_GAIN:
+        warnings.append(
+            f"A rotation of {angle:.0f} degrees fits the scans better than their recorded "
+            f"orientation (HU correlation {search.similarity:.2f} against "
+            f"{search.identity_similarity:.2f}) but not closely enough to be trusted; the "
+            "recorded orientation was kept. Check that both scans are oriented alike."
+        )
+    if not trusted:
+        warnings.append(
+            "The initial pose search found little agreement between the scans' HU; the scans may "
+            "show different body regions, or one may be masked or cropped. Check the result."
+        )
+    elif rotate and search.runner_up_similarity > search.similarity - AMBIGUITY:
+        warnings.append(
+            f"The scans' orientation is ambiguous: a rotation of {angle:.0f} degrees and one at "
+            "least 60 degrees from it fit almost equally well. Check the result visually."
+        )
+    return warnings
 
 
 def coarse_ct(image: sitk.Image, spacing: float) -> CoarseCT:
@@ -189,24 +216,28 @@ def reorient(image: sitk.Image, pose: np.ndarray) -> sitk.Image:
 def search_pose(fixed: CoarseCT, moving: CoarseCT, rotations: bool = True) -> PoseSearch:
     """Best rigid fixed -> moving pose: axis-aligned rotations, hill climbing, FFT translations.
 
-    The 24 axis-aligned rotations are scored on a grid twice as coarse (8x fewer voxels); the
-    best of them (and the runner-up when close) are refined on the given grid.
+    The rough rotations are scored on a grid twice as coarse (8x fewer voxels); the best of them
+    (and the runner-up when close) are refined on the given grid.
     """
     scorer = _Scorer(fixed, moving)
     identity = scorer.best(np.eye(3))
     if not rotations:
-        return PoseSearch(identity.matrix, identity.score, identity.score, -1.0, 1)
-    rough = _Scorer(_halved(fixed), _halved(moving))
+        return PoseSearch(
+            identity.matrix, identity.score, identity.share, identity.matrix, identity.score,
+            -1.0, 1,
+        )  # fmt: skip
+    rough = _Scorer(_halved(fixed), _halved(moving), ROUGH_MIN_OVERLAP)
     candidates = sorted(
-        (rough.best(r) for r in axis_rotations()), key=lambda c: c.score, reverse=True
+        (rough.best(r) for r in rough_rotations()), key=lambda c: c.score, reverse=True
     )
     starts = [c for c in candidates[:CLIMBS] if c.score >= candidates[0].score - CLOSE_START]
     climbed = [_climb(scorer, scorer.best(c.rotation)) for c in starts]
     best = max(climbed, key=lambda c: c.score)
-    others = [c for c in candidates if _angle_between(c, best) > 45.0]
+    others = [c for c in candidates if _angle_between(c, best) > 60.0]
     runner_up = scorer.best(others[0].rotation).score if others else -1.0
+    evaluations = scorer.evaluations + rough.evaluations
     return PoseSearch(
-        best.matrix, best.score, identity.score, runner_up, scorer.evaluations + rough.evaluations
+        best.matrix, best.score, best.share, identity.matrix, identity.score, runner_up, evaluations
     )
 
 
@@ -234,6 +265,7 @@ class _Candidate:
     rotation: np.ndarray
     score: float
     matrix: np.ndarray
+    share: float = 0.0  # overlap / smaller body
 
 
 def _angle_between(a: _Candidate, b: _Candidate) -> float:
@@ -264,13 +296,14 @@ class _Scorer:
     cross term.
     """
 
-    def __init__(self, fixed: CoarseCT, moving: CoarseCT) -> None:
+    def __init__(self, fixed: CoarseCT, moving: CoarseCT, min_overlap: float = MIN_OVERLAP):
         self.fixed = fixed
         self.moving = moving
         mask = torch.as_tensor(fixed.body, dtype=torch.float32)
         values = torch.as_tensor(fixed.values) * mask
         self.fixed_stack = torch.stack([mask, values, values**2])
-        self.min_count = MIN_OVERLAP * min(float(fixed.body.sum()), float(moving.body.sum()))
+        self.smaller = min(float(fixed.body.sum()), float(moving.body.sum()))
+        self.min_count = min_overlap * self.smaller
         self.moving_volume = torch.stack(
             [torch.as_tensor(moving.body, dtype=torch.float32), torch.as_tensor(moving.values)]
         )[None]
@@ -282,11 +315,12 @@ class _Scorer:
         """The best translation for ``rotation`` (fixed -> moving, 3x3)."""
         self.evaluations += 1
         grid, mask, values = self._rotated_moving(rotation)
-        score = self._scores(mask, values)
+        score, count = self._scores(mask, values)
         flat = int(torch.argmax(score))
         value = float(score.reshape(-1)[flat])
         if not np.isfinite(value):
             return _Candidate(rotation, -1.0, np.eye(4))
+        share = float(count.reshape(-1)[flat]) / self.smaller
         peak = np.array(np.unravel_index(flat, score.shape))
         shift = peak + _parabolic_offsets(score, peak)
         padded = np.array(score.shape)
@@ -299,7 +333,7 @@ class _Scorer:
         )
         matrix = np.eye(4)
         matrix[:3, :3], matrix[:3, 3] = rotation, translation
-        return _Candidate(rotation, value, matrix)
+        return _Candidate(rotation, value, matrix, share)
 
     def _rotated_moving(self, rotation: np.ndarray) -> tuple[Grid, torch.Tensor, torch.Tensor]:
         """The moving CT resampled on a grid of direction ``rotation`` tight around its body."""
@@ -322,7 +356,10 @@ class _Scorer:
         values = torch.where(mask > 0, sampled[1] / sampled[0].clamp(min=1e-6), 0.0)
         return grid, mask, values
 
-    def _scores(self, mask: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    def _scores(
+        self, mask: torch.Tensor, values: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """NCC and overlap size for every shift."""
         shape = [_fast_size(a + b - 1) for a, b in zip(self.fixed.body.shape, mask.shape)]
         fixed = self._fixed_spectra(shape)
         dims = (1, 2, 3)
@@ -338,7 +375,7 @@ class _Scorer:
         cov = sfm - sf * sm / n
         var = (sff - sf**2 / n).clamp(min=0.0) * (smm - sm**2 / n).clamp(min=0.0)
         valid = (count >= max(self.min_count, 8.0)) & (var > 1e-6 * n**2)
-        return torch.where(valid, cov / var.clamp(min=1e-12).sqrt(), -np.inf)
+        return torch.where(valid, cov / var.clamp(min=1e-12).sqrt(), -np.inf), count
 
     def _fixed_spectra(self, shape: list[int]) -> torch.Tensor:
         key = tuple(shape)
@@ -415,6 +452,16 @@ def axis_rotations() -> list[np.ndarray]:
             if np.linalg.det(matrix) > 0:
                 found.append(matrix)
     return found
+
+
+def rough_rotations() -> list[np.ndarray]:
+    """The 24 axis-aligned rotations, each also turned 45 degrees either way about each axis.
+
+    No rotation is more than about 40 degrees from one of these 168, close enough for the hill
+    climb; the axis-aligned ones alone leave gaps of up to 63 degrees.
+    """
+    turns = [np.eye(3)] + [axis_rotation(a, d) for a in range(3) for d in (-45.0, 45.0)]
+    return [base @ turn for base in axis_rotations() for turn in turns]
 
 
 def axis_rotation(axis: int, degrees: float) -> np.ndarray:
