@@ -301,6 +301,7 @@ def _checked_by_pose(
         return matrix, info
     log.info("initial translation from the HU pose (the feature search was %.0f mm off)", apart)
     info["replaced_by"] = "initial_pose"
+    info["prior_matrix"] = pose.round(6).tolist()
     return pose, info
 
 
