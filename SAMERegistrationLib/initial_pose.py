@@ -38,6 +38,7 @@ CLIMBS = 2  # at most this many axis-aligned rotations are refined by hill climb
 CLOSE_START = 0.1  # ... the second only when it scores within this of the best
 MIN_GAIN = 0.1  # a rotation is applied only if it beats no rotation by this much NCC ...
 ROTATION_SIMILARITY = 0.6  # ... and reaches this NCC
+WARN_ROTATION_DEG = 30.0  # a better-fitting rotation not applied is reported beyond this
 TRUSTED_SIMILARITY = 0.3  # below this the pose does not check the initial translation
 AMBIGUITY = 0.03  # a distinct rotation this close to the best one makes the pose ambiguous
 MAX_ROTATION_CHANGE_DEG = 20.0  # the final affine turning this far from the pose is suspicious
@@ -176,7 +177,8 @@ def _pose_warnings(
     search: PoseSearch, angle: float, rotated: bool, rotate: bool, trusted: bool
 ) -> list[str]:
     warnings = []
-    if rotated and not rotate and search.similarity >= search.identity_similarity + MIN_GAIN:
+    doubtful = rotated and not rotate and angle > WARN_ROTATION_DEG
+    if doubtful and search.similarity >= search.identity_similarity + MIN_GAIN:
         warnings.append(
             f"A rotation of {angle:.0f} degrees fits the scans better than their recorded "
             f"orientation (HU correlation {search.similarity:.2f} against "
