@@ -214,6 +214,8 @@ def _register_and_write_claimed(args: argparse.Namespace, config, inputs: dict |
         print(json.dumps({"finished": True, "report": str(paths["report"])}), flush=True)
     else:
         _print_summary(result, paths, time.perf_counter() - started)
+    for warning in result.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     return result
 
 

@@ -28,6 +28,16 @@ IMAGE_FORMATS = ("nii.gz", "nrrd", "mha")
 
 
 @dataclass
+class InitialPoseConfig:
+    # A rigid pose from coarse HU before the feature stages: re-orients a moving scan rotated
+    # beyond angle_threshold_deg, and replaces an initial translation that disagrees with it.
+    enabled: bool = True
+    rotation_search: bool = True  # off: translations only
+    angle_threshold_deg: float = 15.0  # smaller rotations are left to the affine stage
+    spacing_mm: float = 8.0  # grid of the search
+
+
+@dataclass
 class MatchingConfig:
     grid_stride: int = 8  # working-grid voxels between query points in the moving image
     cycle_rounds: int = 5  # SSCC rounds (q -> m -> q')
@@ -101,6 +111,7 @@ class RegistrationConfig:
     # centroid: body centres on each other; identity: the scanner coordinates as they are.
     initialisation: str = "search"
     seed: int = 0
+    initial_pose: InitialPoseConfig = field(default_factory=InitialPoseConfig)
     matching: MatchingConfig = field(default_factory=MatchingConfig)
     affine: AffineConfig = field(default_factory=AffineConfig)
     coarse: CoarseConfig = field(default_factory=CoarseConfig)
@@ -214,6 +225,8 @@ NUMERIC_RANGES: tuple[tuple[str, float, float, bool, bool], ...] = (
     ("instance.smoothness", 0.0, math.inf, False, True),
     ("instance.smoothing_passes", 0, math.inf, False, True),
     ("instance.cost_stride", 1, math.inf, False, True),
+    ("initial_pose.angle_threshold_deg", 0.0, 180.0, False, False),
+    ("initial_pose.spacing_mm", 2.0, 20.0, False, False),
 )
 
 

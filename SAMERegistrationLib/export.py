@@ -164,6 +164,7 @@ def build_report(result: RegistrationResult, inputs: dict, names: dict[str, str]
         },
         "total_seconds": round(seconds, 3),
         "stages": result.stages,
+        "warnings": result.warnings,
         "matches": result.matches.summary(),
         "metrics": result.metrics,
         "affine_matrix": result.affine.tolist(),

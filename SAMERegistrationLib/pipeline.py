@@ -23,6 +23,7 @@ from .evaluate import dice_per_label, mean_dice
 from .features import FeatureExtractor, FeatureMaps, make_extractor
 from .grid import Grid
 from .image import ImageLike, check_ct, check_labels, read_image, to_working_grid
+from .initial_pose import find_initial_pose
 from .matching import Matches, find_matches
 from .result import RegistrationResult
 from .stages import (
@@ -88,24 +89,36 @@ def register(
     torch.manual_seed(config.seed)
     np.random.seed(config.seed)
 
+    # The rigid pose from HU; later stages see the moving image re-oriented when it is rotated.
+    pose = find_initial_pose(fixed_image, moving_image, config.initial_pose)
+    moving_image = pose.moving
+    clock += pose.info.get("seconds", 0.0)  # "prepare" times the reading and checks only
+
     with memory_guard(device, config.working_spacing_mm):
-        pre = pre_align(fixed_image, moving_image, config, extractor, device, context, clock)
-        stages = pre.stages
+        pre = pre_align(
+            fixed_image, moving_image, config, extractor, device, context, clock, pose.prior
+        )
+        stages = {"initial_pose": pose.info, **pre.stages}
         alignment = run_stages(("deform", "instance"), pre.fixed_maps, pre.moving_maps,
                                pre.alignment, config, context, stages)  # fmt: skip
 
     clock = time.perf_counter()
+    matches = pre.matches
+    matches.moving = pose.to_original(matches.moving)
     result = RegistrationResult(
         fixed_grid=Grid.from_sitk(fixed_image),
-        alignment=alignment,
-        matches=pre.matches,
+        alignment=alignment.with_affine(pose.compose(alignment.affine)),
+        matches=matches,
         config=config,
         device=describe_device(device),
         stages=stages,
         fixed_features=pre.fixed_maps,
         moving_features=pre.moving_maps,
     )
-    result.metrics["folding_percent"] = alignment.folding_percent(pre.fixed.body)
+    result.warnings = pose.warnings + pose.final_warnings(result.affine)
+    for warning in result.warnings:
+        log.warning(warning)
+    result.metrics["folding_percent"] = result.alignment.folding_percent(pre.fixed.body)
     if "fixed" in labels and "moving" in labels:
         result.metrics.update(_dice_report(result, labels["fixed"], labels["moving"]))
     if "moving" in labels:
@@ -144,13 +157,16 @@ def pre_align(
     device: torch.device,
     context: StageContext | None = None,
     clock: float | None = None,
+    pose: np.ndarray | None = None,
 ) -> PreAlignment:
     """Working grids, features, initial alignment, matching, and the affine and coarse stages.
 
     ``config`` must be resolved for the extractor's feature type (``resolved``) and the images
-    checked with ``check_ct``; ``clock`` is when the preparation started, for its timing.
+    checked with ``check_ct``; ``clock`` is when the preparation started, for its timing; ``pose``
+    is a rigid fixed -> moving pose from HU (``initial_pose``) that checks the initial translation.
     """
     context = context or StageContext(device=device)
+    context.pose = pose
     report = context.report
     clock = time.perf_counter() if clock is None else clock
     stages: dict[str, dict] = {}

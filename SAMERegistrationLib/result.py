@@ -32,6 +32,7 @@ class RegistrationResult:
     fixed_features: FeatureMaps | None = None
     moving_features: FeatureMaps | None = None
     warped_labels: sitk.Image | None = None  # the moving label map on the fixed grid, when given
+    warnings: list[str] = field(default_factory=list)  # why the result may be wrong, if it may
 
     def __post_init__(self) -> None:
         self._transform: sitk.DisplacementFieldTransform | None = None

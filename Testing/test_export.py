@@ -118,6 +118,9 @@ def test_registration_improves_dice_and_report_is_complete(registered):
     assert report["metrics"]["folding_percent"] < 1.0
     for key in ("software", "device", "config", "stages", "total_seconds"):
         assert key in report
+    # The 10-degree oblique fixed grid is left to the affine stage, and nothing is in doubt.
+    assert report["stages"]["initial_pose"]["reoriented"] is False
+    assert report["warnings"] == []
     # The demo runs on the 2 mm grid with MIND: the shipped SAM-deform network applies.
     deform = report["stages"]["deform"]
     assert deform["status"] == "done" and deform["weights"] == DEFAULT_WEIGHTS.name

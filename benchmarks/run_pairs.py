@@ -63,8 +63,9 @@ VARIANTS = {
 }
 STAGE_LABELS = {"affine": "affine", "coarse": "+coarse", "full": "+instance (full)"}
 # Stage timings of the pipeline up to and including the affine stage.
-AFFINE_STAGES = ("prepare", "features", "initial", "matching", "affine")
+AFFINE_STAGES = ("initial_pose", "prepare", "features", "initial", "matching", "affine")
 STAGE_ORDER = (
+    "initial_pose",
     "prepare",
     "features",
     "initial",
@@ -353,7 +354,9 @@ def make_rows(feature: str, weights: dict, index: int, pair, variant: str, repor
                 "mean_dice_after": affine["mean_dice_after"],
                 "dice_after": affine["dice_after"],
                 "folding_percent": affine["folding_percent"],
-                "seconds": round(sum(stages[s].get("seconds", 0.0) for s in AFFINE_STAGES), 3),
+                "seconds": round(
+                    sum(stages.get(s, {}).get("seconds", 0.0) for s in AFFINE_STAGES), 3
+                ),
                 "peak_rss_gb": None,
             }
         )

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..grid import Grid
@@ -34,6 +35,8 @@ class StageContext:
     progress: ProgressCallback | None = None
     # The coarse stage's own field (mm) and its control grid: a compact form to store.
     coarse: tuple[torch.Tensor, Grid] | None = None
+    # A rigid fixed -> moving pose from HU (``initial_pose``) that checks the initial translation.
+    pose: np.ndarray | None = None
 
     def report(self, stage: str, done: int, total: int) -> None:
         if self.progress is not None:

@@ -8,6 +8,8 @@ embeddings over the overlapping body, among shifts where the bodies overlap subs
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import torch
 
@@ -16,7 +18,10 @@ from ..config import RegistrationConfig
 from ..features.base import FeatureMaps
 from . import StageContext
 
+log = logging.getLogger(__name__)
+
 SEARCH_SUBSAMPLING = 2  # search on every 2nd feature voxel (8 mm at the default 2 mm grid)
+POSE_AGREEMENT_MM = 30.0  # the feature search's translation is kept within this of the HU pose
 
 
 def run(
@@ -29,6 +34,8 @@ def run(
     if mode == "search":
         matrix, found = search_translation(fixed_maps, moving_maps)
         info.update(found)
+        pose = context.pose if context is not None else None
+        matrix = _checked_by_pose(matrix, info, pose, body_centre(fixed_maps))
     elif mode == "centroid":
         matrix = centroid_translation(fixed_maps, moving_maps)
         info["translation_mm"] = matrix[:3, 3].round(2).tolist()
@@ -40,11 +47,12 @@ def run(
 def centroid_translation(fixed: FeatureMaps, moving: FeatureMaps) -> np.ndarray:
     """4x4 fixed->moving translation putting the body centres on each other."""
     matrix = np.eye(4)
-    matrix[:3, 3] = _centre(moving) - _centre(fixed)
+    matrix[:3, 3] = body_centre(moving) - body_centre(fixed)
     return matrix
 
 
-def _centre(maps: FeatureMaps) -> np.ndarray:
+def body_centre(maps: FeatureMaps) -> np.ndarray:
+    """The body's centroid, LPS mm."""
     zyx = np.argwhere(maps.body).mean(axis=0)
     return maps.grid.index_to_physical(zyx[::-1][None])[0]
 
@@ -89,3 +97,27 @@ def _cross_correlate(f: torch.Tensor, m: torch.Tensor, shape: list[int]) -> torc
         m, s=shape, dim=(1, 2, 3)
     )
     return torch.fft.irfftn(spectrum.sum(dim=0), s=shape, dim=(0, 1, 2))
+
+
+def _checked_by_pose(
+    matrix: np.ndarray, info: dict, pose: np.ndarray | None, centre: np.ndarray
+) -> np.ndarray:
+    """The feature search's translation, or the HU pose where the two disagree at the body.
+
+    Global features are not unique along a body (a neck resembles a chest wall), so with different
+    fields of view the feature search can land far along z; the HU pose compares whole bodies.
+    """
+    if pose is None:
+        return matrix
+    apart = float(np.linalg.norm(_apply(matrix, centre) - _apply(pose, centre)))
+    info["distance_to_pose_mm"] = round(apart, 1)
+    if apart <= POSE_AGREEMENT_MM:
+        return matrix
+    log.info("initial translation from the HU pose (the feature search was %.0f mm off)", apart)
+    info["replaced_by"] = "initial_pose"
+    info["prior_matrix"] = pose.round(6).tolist()
+    return pose
+
+
+def _apply(matrix: np.ndarray, point: np.ndarray) -> np.ndarray:
+    return matrix[:3, :3] @ point + matrix[:3, 3]
