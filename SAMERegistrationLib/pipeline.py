@@ -20,13 +20,14 @@ from .evaluate import dice_per_label, mean_dice
 from .features import FeatureExtractor, FeatureMaps, make_extractor
 from .grid import Grid
 from .image import ImageLike, WorkingImage, check_ct, check_labels, read_image, to_working_grid
-from .matching import Matches, find_matches
+from .matching import Matches, find_matches, with_model_threshold
 from .result import RegistrationResult
 from .stages import deform
 from .stages.affine import fit_affine
 from .stages.coarse import fit_coarse
 from .stages.initial import centroid_translation, search_translation
 from .stages.instance import optimise_instance
+from .stages.robust_fit import affine_inliers
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,7 @@ def register(
             )
     device = resolve_device(config.device)
     extractor = make_extractor(config, device)
+    config = with_model_threshold(config, getattr(extractor, "weights", None))
     config = config.resolved_for(extractor.name)
     network, deform_source = None, "disabled"
     if config.deform.enabled:
@@ -206,11 +208,12 @@ def pre_align(
     clock = time.perf_counter()
     if config.affine.enabled:
         radii = config.affine.refine_radii_mm
-        affine, info = fit_affine(matches, config.affine)
+        affine, info = fit_affine(matches, config.affine, config.seed)
         for i, radius in enumerate(radii):
             report("affine", i + 1, len(radii) + 1)
             matches = find_matches(fixed_maps, moving_maps, config.matching, affine, radius, device)
-            affine, info = fit_affine(matches, config.affine)
+            affine, info = fit_affine(matches, config.affine, config.seed)
+        matches = affine_inliers(matches, affine, config.affine)  # what the affine was fitted to
         report("affine", len(radii) + 1, len(radii) + 1)
         stages["affine"] = {"status": "done", "seconds": _lap(clock), **info}
     else:

@@ -1,4 +1,4 @@
-"""SAM-affine: least-squares affine from matched points."""
+"""SAM-affine: the affine from matched points, by robust fit (RANSAC) or least squares (SAME)."""
 
 from __future__ import annotations
 
@@ -9,16 +9,23 @@ import numpy as np
 from ..config import AffineConfig
 from ..errors import RegistrationFailed
 from ..matching import Matches
+from .robust_fit import fit_robust
+from .robust_fit import least_squares_affine as _least_squares
 
 log = logging.getLogger(__name__)
 
 
-def fit_affine(matches: Matches, config: AffineConfig) -> tuple[np.ndarray, dict]:
-    """The 4x4 fixed->moving affine minimising sum |A p_fixed - p_moving|^2 (LPS mm)."""
+def fit_affine(matches: Matches, config: AffineConfig, seed: int = 0) -> tuple[np.ndarray, dict]:
+    """The 4x4 fixed->moving affine (LPS mm): robust fit when ``config.ransac_iterations`` > 0
+    (seeded by ``seed``), else least squares on all matches, trimmed by ``outlier_factor``."""
     _require_enough(matches, config.min_matches)
     keep = np.ones(len(matches), dtype=bool)
-    matrix = _least_squares(matches.fixed, matches.moving)
-    if config.outlier_factor > 0:
+    robust = {}
+    if config.ransac_iterations:
+        matrix, keep, robust = fit_robust(matches.fixed, matches.moving, config, seed)
+    else:
+        matrix = _least_squares(matches.fixed, matches.moving)
+    if config.outlier_factor > 0 and not config.ransac_iterations:
         residual = _residuals(matrix, matches)
         keep = residual <= config.outlier_factor * max(float(np.median(residual)), 1e-6)
         if keep.sum() >= config.min_matches:
@@ -29,6 +36,7 @@ def fit_affine(matches: Matches, config: AffineConfig) -> tuple[np.ndarray, dict
         "mean_residual_mm": float(residual.mean()),
         "scales": np.linalg.svd(matrix[:3, :3], compute_uv=False).round(4).tolist(),
         "determinant": float(np.linalg.det(matrix[:3, :3])),
+        **robust,
     }
     log.info("affine: %d matches, mean residual %.2f mm", info["matches_used"], residual.mean())
     return matrix, info
@@ -51,16 +59,6 @@ def _require_enough(matches: Matches, minimum: int) -> None:
             "The matched points lie on a plane or a line, so an affine is not determined. The "
             "scans may overlap only in a thin slab; give scans that share more anatomy."
         )
-
-
-def _least_squares(fixed: np.ndarray, moving: np.ndarray) -> np.ndarray:
-    centre = fixed.mean(axis=0)
-    homogeneous = np.hstack([fixed - centre, np.ones((len(fixed), 1))])
-    solution, *_ = np.linalg.lstsq(homogeneous, moving, rcond=None)
-    matrix = np.eye(4)
-    matrix[:3, :3] = solution[:3].T
-    matrix[:3, 3] = solution[3] - solution[:3].T @ centre
-    return matrix
 
 
 def _residuals(matrix: np.ndarray, matches: Matches) -> np.ndarray:
