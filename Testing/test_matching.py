@@ -9,6 +9,7 @@ import SimpleITK as sitk
 import torch
 
 from SAMERegistrationLib.config import MatchingConfig, RegistrationConfig
+from SAMERegistrationLib.errors import ConfigError
 from SAMERegistrationLib.features.base import FeatureMaps
 from SAMERegistrationLib.features.mind import MindExtractor
 from SAMERegistrationLib.features.sam import DEFAULT_RECORD, DEFAULT_WEIGHTS
@@ -136,3 +137,29 @@ def test_the_calibrated_threshold_comes_from_the_model_record(tmp_path):
     # A record that belongs to another file is not trusted.
     (tmp_path / "SAM.json").write_text(json.dumps({**record, "similarity_threshold": 0.3}))
     assert model_similarity_threshold(official) is None
+
+
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("matching.ratio_max", 1.5),
+        ("matching.ratio_max", 0.0),
+        ("matching.ratio_exclusion_mm", -1.0),
+        ("matching.overlap_margin_mm", -5.0),
+        ("affine.ransac_iterations", 10.5),
+        ("affine.ransac_inlier_mm", -1.0),
+        ("affine.min_scale", 1.2),
+        ("affine.max_scale", 0.9),
+    ],
+)
+def test_bad_matching_and_fit_settings_are_refused(key, value):
+    with pytest.raises(ConfigError, match=key.split(".")[1]):
+        RegistrationConfig().with_overrides({key: value})
+
+
+def test_null_matching_settings_take_the_feature_defaults():
+    sam = RegistrationConfig().resolved_for("sam")
+    assert sam.matching.ratio_max == 0.8 and sam.matching.ratio_exclusion_mm == 16.0
+    assert sam.affine.ransac_iterations > 0 and 10 <= sam.affine.ransac_inlier_mm <= 15
+    mind = RegistrationConfig().resolved_for("mind")
+    assert mind.matching.similarity_threshold == 0.7 and mind.matching.ratio_max == 1.0

@@ -127,8 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     for value in sorted({*rows, 0.7, threshold}):
         kept = similarity > value
         in_organ = kept & (organ >= 0)
-        same = int((organ[in_organ] == 1).sum())
-        share = f"{100 * same / in_organ.sum():.1f} % ({same}/{in_organ.sum()})"
+        same, count = int((organ[in_organ] == 1).sum()), int(in_organ.sum())
+        share = f"{100 * same / count:.1f} % ({same}/{count})" if count else "n/a"
         mark = " (calibrated)" if value == threshold else ""
         print(f"| {value:.3f}{mark} | {100 * kept.sum() / queried:.1f} % | {share} |")
     print(f"\ncalibrated threshold: {threshold}")
