@@ -30,7 +30,8 @@ def fit_affine(matches: Matches, config: AffineConfig, seed: int = 0) -> tuple[n
         keep = residual <= config.outlier_factor * max(float(np.median(residual)), 1e-6)
         if keep.sum() >= config.min_matches:
             matrix = _least_squares(matches.fixed[keep], matches.moving[keep])
-    residual = _residuals(matrix, matches)[keep]
+    residual = _residuals(matrix, matches)
+    residual = residual[keep] if keep.any() else residual  # no inlier: say how far off all are
     info = {
         "matches_used": int(keep.sum()),
         "mean_residual_mm": float(residual.mean()),
