@@ -222,6 +222,13 @@ class RegistrationConfig:
 def _validate_matching_and_fit(config: RegistrationConfig) -> None:
     """Checks of the matching and robust-fit settings (null = the feature or model default)."""
     threshold, match, fit = config.matching.similarity_threshold, config.matching, config.affine
+    numbers = ("similarity_threshold", "ratio_max", "ratio_exclusion_mm", "overlap_margin_mm")
+    for name, value in [(f"matching.{k}", getattr(match, k)) for k in numbers] + [
+        ("affine.ransac_iterations", fit.ransac_iterations),
+        ("affine.ransac_inlier_mm", fit.ransac_inlier_mm),
+    ]:
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
+            raise ConfigError(f"{name} must be a number or null, not {value!r}.")
     if threshold is not None and not -1.0 <= threshold < 1.0:
         raise ConfigError("matching.similarity_threshold must lie in [-1, 1).")
     if match.ratio_max is not None and not 0.0 < match.ratio_max <= 1.0:

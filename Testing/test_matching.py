@@ -144,6 +144,7 @@ def test_the_calibrated_threshold_comes_from_the_model_record(tmp_path):
     [
         ("matching.ratio_max", 1.5),
         ("matching.ratio_max", 0.0),
+        ("matching.ratio_max", [0.8]),
         ("matching.ratio_exclusion_mm", -1.0),
         ("matching.overlap_margin_mm", -5.0),
         ("affine.ransac_iterations", 10.5),

@@ -93,8 +93,9 @@ def ransac_similarity(
     inlier residuals."""
     n = len(fixed)
     best_count, best_cost, best = -1, np.inf, np.zeros(n, dtype=bool)
-    for start in range(0, config.ransac_iterations, BATCH):
-        size = min(BATCH, config.ransac_iterations - start)
+    iterations = int(config.ransac_iterations)
+    for start in range(0, iterations, BATCH):
+        size = min(BATCH, iterations - start)
         picks = np.argsort(rng.random((size, n)), axis=1)[:, :SAMPLE_SIZE]
         hypotheses = umeyama(fixed[picks], moving[picks])
         scale = np.cbrt(np.linalg.det(hypotheses[:, :3, :3]))
