@@ -41,7 +41,18 @@ class InitialPoseConfig:
 class MatchingConfig:
     grid_stride: int = 8  # working-grid voxels between query points in the moving image
     cycle_rounds: int = 5  # SSCC rounds (q -> m -> q')
-    similarity_threshold: float = 0.7  # keep matches above this similarity (dot / 2 in [-1, 1])
+    # Keep matches above this similarity (dot / 2 in [-1, 1]). null = the SAM model's calibrated
+    # value from its record (models/NAME.json), else the feature type's default (0.7, SAME's).
+    similarity_threshold: float | None = None
+    # Ratio test: keep a match only if (1 - best) / (1 - second best) <= ratio_max, the second best
+    # taken at least ratio_exclusion_mm from the best (an ambiguous match has a far-away twin).
+    # 1 switches it off. null = the feature type's default.
+    ratio_max: float | None = None
+    ratio_exclusion_mm: float | None = None
+    # Query and search only where both scans have body: points whose position under the current
+    # alignment lies more than this many mm outside the other body's extent are left out, and the
+    # match share is taken over the rest. null = the feature type's default.
+    overlap_margin_mm: float | None = None
     # Search radius (mm) around the position predicted by the initial alignment; 0 = the whole
     # image, as SAME does with SAM. Hand-crafted features are not unique across the body and need
     # a window. null = the default of the feature type (FEATURE_DEFAULTS).
@@ -62,6 +73,14 @@ class AffineConfig:
     # Further passes: re-match within each radius (mm) around the current affine and refit.
     # null = the default of the feature type.
     refine_radii_mm: list[float] | None = None
+    # Robust fit: RANSAC on a similarity transform (inliers within ransac_inlier_mm), then the
+    # affine by least squares on the inliers; ransac_iterations 0 = plain least squares (SAME).
+    # An affine whose scales leave [min_scale, max_scale] (or that reflects) is refused in favour
+    # of the similarity. null = the default of the feature type.
+    ransac_iterations: int | None = None
+    ransac_inlier_mm: float | None = None
+    min_scale: float = 0.6
+    max_scale: float = 1.6
 
 
 @dataclass
@@ -175,6 +194,7 @@ class RegistrationConfig:
             if value is None and defaults._value(key) is None:
                 continue  # a feature-dependent default, filled in by resolved_for
             _check_range(key, value, low, high, low_open, high_open)
+        _validate_matching_and_fit(self)
         if self.export.field_format not in FIELD_FORMATS:
             raise ConfigError("export.field_format must be nii.gz, nrrd, mha or h5.")
         if self.export.field_precision not in FIELD_PRECISIONS:
@@ -227,6 +247,13 @@ NUMERIC_RANGES: tuple[tuple[str, float, float, bool, bool], ...] = (
     ("instance.cost_stride", 1, math.inf, False, True),
     ("initial_pose.angle_threshold_deg", 0.0, 180.0, False, False),
     ("initial_pose.spacing_mm", 2.0, 20.0, False, False),
+    ("matching.ratio_max", 0.0, 1.0, True, False),
+    ("matching.ratio_exclusion_mm", 0.0, math.inf, False, True),
+    ("matching.overlap_margin_mm", 0.0, math.inf, False, True),
+    ("affine.ransac_iterations", 0, math.inf, False, True),
+    ("affine.ransac_inlier_mm", 0.0, math.inf, True, True),
+    ("affine.min_scale", 0.0, 1.0, True, False),
+    ("affine.max_scale", 1.0, math.inf, False, True),
 )
 
 
@@ -250,26 +277,47 @@ def _check_range(
         raise ConfigError(f"{key} must be {allowed}, not {value!r}.")
 
 
+def _validate_matching_and_fit(config: RegistrationConfig) -> None:
+    """Relations between robust-fit settings that the ranges above cannot express."""
+    fit = config.affine
+    if not fit.min_scale <= 1.0 <= fit.max_scale:
+        raise ConfigError("affine.min_scale must be at most 1 and affine.max_scale at least 1.")
+
+
+SAME_SIMILARITY_THRESHOLD = 0.7  # SSCC's threshold in SAME, tuned for the official SAM model
+
 # Settings that depend on the features. SAM: the paper's values (SAM embeddings are unique across
 # the body, so one search over the whole image). MIND-SSC describes local structure only: it needs
 # a search window around the current alignment, several passes with outlier trimming, fresh
 # matches near the affine for the coarse stage, and smaller, smoother instance-optimisation steps.
 FEATURE_DEFAULTS: dict[str, dict[str, Any]] = {
     "sam": {
+        "matching.similarity_threshold": SAME_SIMILARITY_THRESHOLD,
+        "matching.ratio_max": 0.8,
+        "matching.ratio_exclusion_mm": 16.0,
+        "matching.overlap_margin_mm": 20.0,
         "matching.search_radius_mm": 0.0,
         "matching.min_match_share": 0.05,
         "affine.refine_radii_mm": [],
         "affine.outlier_factor": 0.0,
+        "affine.ransac_iterations": 1000,
+        "affine.ransac_inlier_mm": 12.0,
         "coarse.rematch_radius_mm": 0.0,
         "instance.learning_rate": 0.05,
         "instance.smoothness": 1000.0,
         "instance.cost_stride": 1,
     },
     "mind": {
+        "matching.similarity_threshold": SAME_SIMILARITY_THRESHOLD,
+        "matching.ratio_max": 1.0,
+        "matching.ratio_exclusion_mm": 16.0,
+        "matching.overlap_margin_mm": 20.0,
         "matching.search_radius_mm": 20.0,
         "matching.min_match_share": 0.12,
         "affine.refine_radii_mm": [20.0, 10.0, 5.0],
         "affine.outlier_factor": 2.0,
+        "affine.ransac_iterations": 1000,
+        "affine.ransac_inlier_mm": 12.0,
         "coarse.rematch_radius_mm": 10.0,
         "instance.learning_rate": 0.01,
         "instance.smoothness": 10000.0,

@@ -1,23 +1,30 @@
 """Point correspondences from embeddings: grid sampling, nearest-embedding search, SSCC.
 
 Search runs on the feature grids (half the working resolution). Candidates are restricted to body
-voxels; similarity matrices are computed in chunks of queries so memory stays bounded.
+voxels inside the region both scans cover; similarity matrices are computed in chunks of queries
+so memory stays bounded. Learned embeddings can be confidently wrong across patients, so besides
+SSCC's similarity threshold a ratio test drops matches that have an almost as similar twin far
+from the best.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from .config import MatchingConfig
+from .config import SAME_SIMILARITY_THRESHOLD, MatchingConfig, RegistrationConfig
 from .features.base import FeatureMaps
+from .shipped import file_sha256, read_record
 
 log = logging.getLogger(__name__)
 
 EDGE_FRACTION = 0.8  # windowed search: drop matches farther than this share of the radius
+NO_SECOND = -1.0  # second-best similarity when no candidate lies outside the exclusion radius
 
 
 @dataclass
@@ -27,8 +34,16 @@ class Matches:
     fixed: np.ndarray  # (N, 3)
     moving: np.ndarray  # (N, 3)
     similarity: np.ndarray  # (N,)
-    queried: int = 0  # grid points sampled in the moving body
+    queried: int = 0  # grid points sampled in the moving body, inside the shared region
     stable: int = 0  # of those, kept by the cycle-consistency check
+    outside: int = 0  # grid points of the moving body left out: outside the shared region
+
+    def subset(self, keep: np.ndarray) -> Matches:
+        """The matches where ``keep`` is true, with the same counts of queried points."""
+        return Matches(
+            self.fixed[keep], self.moving[keep], self.similarity[keep],
+            self.queried, self.stable, self.outside,
+        )  # fmt: skip
 
     def __len__(self) -> int:
         return len(self.similarity)
@@ -37,6 +52,7 @@ class Matches:
         sim = self.similarity
         return {
             "grid_points": self.queried,
+            "outside_shared_region": self.outside,
             "cycle_consistent": self.stable,
             "kept": len(self),
             "mean_similarity": float(sim.mean()) if len(sim) else None,
@@ -64,6 +80,20 @@ class _Side:
             len(flat_index), -1, dtype=np.int64
         )  # memo: best match on other side
         self.best = np.zeros(len(flat_index), dtype=np.float32)
+        self.second = np.full(len(flat_index), NO_SECOND, dtype=np.float32)  # for the ratio test
+        self.active = np.ones(len(flat_index), dtype=bool)  # inside the region both scans cover
+
+    def restrict_to(self, other: FeatureMaps, to_other: np.ndarray, margin_mm: float) -> None:
+        """Keep active only the voxels that ``to_other`` (4x4, this side -> other side, mm) sends
+        within ``margin_mm`` of the other body's bounding box."""
+        body = np.argwhere(other.body)
+        if len(body) == 0:
+            self.active[:] = False
+            return
+        margin = margin_mm / np.asarray(other.grid.spacing[::-1], dtype=np.float64)
+        lo, hi = body.min(axis=0) - margin, body.max(axis=0) + margin
+        zyx = other.grid.physical_to_index(_apply(to_other, self.positions))[:, ::-1]
+        self.active = np.all((zyx >= lo) & (zyx <= hi), axis=1)
 
 
 def _search(
@@ -73,29 +103,69 @@ def _search(
     expected: np.ndarray | None,
     radius_mm: float | None,
     memory_bytes: int,
+    exclusion_mm: float | None = None,
 ) -> None:
-    """Fill ``source.nearest``/``best`` for the query rows (indices into ``source``) not yet known."""
+    """Fill ``source.nearest``/``best`` for the query rows (indices into ``source``) not yet known,
+    and ``source.second`` (the best farther than ``exclusion_mm`` from it) when that is given.
+    Candidates are the active voxels of ``target``."""
     todo = queries[source.nearest[queries] < 0]
     if len(todo) == 0:
         return
     if radius_mm is None or expected is None:
-        _search_global(todo, source, target, memory_bytes)
+        _search_global(todo, source, target, memory_bytes, exclusion_mm)
     else:
-        _search_windowed(todo, source, target, expected, radius_mm)
+        _search_windowed(todo, source, target, expected, radius_mm, exclusion_mm)
 
 
-def _search_global(todo: np.ndarray, source: _Side, target: _Side, memory_bytes: int) -> None:
-    keys = target.descriptors
+def _search_global(
+    todo: np.ndarray,
+    source: _Side,
+    target: _Side,
+    memory_bytes: int,
+    exclusion_mm: float | None,
+) -> None:
+    candidates = np.flatnonzero(target.active)
+    if len(candidates) == 0:
+        source.nearest[todo], source.best[todo] = 0, -2.0
+        return
+    cand = torch.as_tensor(candidates)
+    keys = target.descriptors[cand]
     chunk = max(1, int(memory_bytes // (4 * keys.shape[0])))
     for start in range(0, len(todo), chunk):
         rows = todo[start : start + chunk]
-        best, index = (source.descriptors[torch.as_tensor(rows)] @ keys.T).max(dim=1)
-        source.nearest[rows] = index.cpu().numpy()
-        source.best[rows] = best.cpu().numpy()
+        sim = source.descriptors[torch.as_tensor(rows)] @ keys.T
+        _take_best(sim, rows, candidates, source, target, exclusion_mm)
+
+
+def _take_best(
+    sim: torch.Tensor,
+    rows: np.ndarray,
+    candidates: np.ndarray,
+    source: _Side,
+    target: _Side,
+    exclusion_mm: float | None,
+) -> None:
+    """Store the best candidate of each row of ``sim`` (rows x candidates), and the best one
+    outside ``exclusion_mm`` of it as the second."""
+    best, index = sim.max(dim=1)
+    found = candidates[index.cpu().numpy()]
+    source.nearest[rows] = found
+    source.best[rows] = best.cpu().numpy()
+    if exclusion_mm is None:
+        return
+    at_best = target.positions_t[torch.as_tensor(found)]
+    near = torch.cdist(at_best, target.positions_t[torch.as_tensor(candidates)]) <= exclusion_mm
+    second = sim.masked_fill(near, -2.0).max(dim=1).values.cpu().numpy()
+    source.second[rows] = np.maximum(second, NO_SECOND)
 
 
 def _search_windowed(
-    todo: np.ndarray, source: _Side, target: _Side, expected: np.ndarray, radius_mm: float
+    todo: np.ndarray,
+    source: _Side,
+    target: _Side,
+    expected: np.ndarray,
+    radius_mm: float,
+    exclusion_mm: float | None,
 ) -> None:
     """Search only keys within ``radius_mm`` of each query's expected position.
 
@@ -109,7 +179,8 @@ def _search_windowed(
     for start in range(0, len(todo), 64):
         rows, centre = todo[start : start + 64], centres[start : start + 64]
         lo, hi = centre.min(axis=0) - radius_mm, centre.max(axis=0) + radius_mm
-        candidates = np.flatnonzero(np.all((positions >= lo) & (positions <= hi), axis=1))
+        box = np.all((positions >= lo) & (positions <= hi), axis=1) & target.active
+        candidates = np.flatnonzero(box)
         if len(candidates) == 0:
             source.nearest[rows], source.best[rows] = 0, -2.0
             continue
@@ -117,9 +188,7 @@ def _search_windowed(
         sim = source.descriptors[torch.as_tensor(rows)] @ target.descriptors[cand].T
         centre_t = torch.as_tensor(centre, dtype=torch.float32, device=sim.device)
         far = torch.cdist(centre_t, target.positions_t[cand]) > radius_mm
-        best, index = sim.masked_fill(far, -2.0).max(dim=1)
-        source.nearest[rows] = candidates[index.cpu().numpy()]
-        source.best[rows] = best.cpu().numpy()
+        _take_best(sim.masked_fill(far, -2.0), rows, candidates, source, target, exclusion_mm)
 
 
 def grid_queries(maps: FeatureMaps, stride: int) -> np.ndarray:
@@ -146,26 +215,37 @@ def find_matches(
 ) -> Matches:
     """Stable (cycle-consistent) correspondences for grid points of the moving image.
 
-    ``prior`` is a 4x4 fixed->moving map used only with ``radius_mm``: candidates must lie within
-    that distance of where the prior sends the query. With no radius the search is global (SAME).
+    ``prior`` is a 4x4 fixed->moving map. With ``radius_mm`` candidates must lie within that
+    distance of where the prior sends the query; with no radius the search is global (SAME).
+    With ``config.overlap_margin_mm`` set, queries and candidates are limited to the region both
+    scans cover under the prior. Settings left null mean SAME's SSCC: threshold 0.7, no ratio test,
+    no restriction (``RegistrationConfig.resolved_for`` fills the feature type's defaults).
     """
     device = torch.device(device)
     radius_mm = radius_mm or None  # 0 means the whole image, as SAME searches with SAM
-    fix, mov = _Side(fixed, device), _Side(moving, device)
-    zyx = grid_queries(moving, config.grid_stride)
-    queried = len(zyx)
-    if queried == 0:
-        return Matches(np.zeros((0, 3)), np.zeros((0, 3)), np.zeros(0), 0, 0)
-    flat = np.ravel_multi_index(zyx.T, mov.shape)
-    q = mov.lookup[flat]
-
+    threshold = config.similarity_threshold
+    threshold = SAME_SIMILARITY_THRESHOLD if threshold is None else threshold
+    ratio_max = config.ratio_max if config.ratio_max is not None else 1.0
+    exclusion_mm = (config.ratio_exclusion_mm or 0.0) if ratio_max < 1.0 else None
     prior = np.eye(4) if prior is None else prior
+    fix, mov = _Side(fixed, device), _Side(moving, device)
+    if config.overlap_margin_mm is not None:
+        fix.restrict_to(moving, prior, config.overlap_margin_mm)
+        mov.restrict_to(fixed, np.linalg.inv(prior), config.overlap_margin_mm)
+    zyx = grid_queries(moving, config.grid_stride)
+    q = mov.lookup[np.ravel_multi_index(zyx.T, mov.shape)] if len(zyx) else zyx[:, 0]
+    outside = int((~mov.active[q]).sum())
+    q = q[mov.active[q]]
+    queried = len(q)
+    if queried == 0:
+        return Matches(np.zeros((0, 3)), np.zeros((0, 3)), np.zeros(0), 0, 0, outside)
+
     expected_in_fixed = _apply(np.linalg.inv(prior), mov.positions) if radius_mm else None
     expected_in_moving = _apply(prior, fix.positions) if radius_mm else None
     budget = int(config.chunk_memory_mb * 2**20)
 
     def to_fixed(rows: np.ndarray) -> np.ndarray:
-        _search(rows, mov, fix, expected_in_fixed, radius_mm, budget)
+        _search(rows, mov, fix, expected_in_fixed, radius_mm, budget, exclusion_mm)
         return mov.nearest[rows]
 
     def to_moving(rows: np.ndarray) -> np.ndarray:
@@ -179,7 +259,11 @@ def find_matches(
     stable = q == previous
     pairs = np.unique(np.stack([previous[stable], to_fixed(previous[stable])], axis=1), axis=0)
     similarity = mov.best[pairs[:, 0]]
-    keep = similarity > config.similarity_threshold
+    keep = similarity > threshold
+    if exclusion_mm is not None:
+        # (1 - best) / (1 - second): 1 for a twin as similar as the best, ~0 for a unique match.
+        ratio = (1.0 - similarity + 1e-6) / (1.0 - mov.second[pairs[:, 0]] + 1e-6)
+        keep &= ratio <= ratio_max
     if radius_mm is not None:
         # A best match on the rim of the window usually means the true match lies outside it.
         predicted = _apply(prior, fix.positions[pairs[:, 1]])
@@ -187,12 +271,10 @@ def find_matches(
         keep &= offset <= EDGE_FRACTION * radius_mm
     pairs, similarity = pairs[keep], similarity[keep]
     log.info(
-        "matching: %d grid points, %d cycle-consistent, %d above similarity %.2f",
-        queried,
-        int(stable.sum()),
-        len(pairs),
-        config.similarity_threshold,
-    )
+        "matching: %d grid points (%d outside the shared region), %d cycle-consistent, "
+        "%d kept (similarity > %.2f, ratio <= %.2f)",
+        queried, outside, int(stable.sum()), len(pairs), threshold, ratio_max,
+    )  # fmt: skip
     return Matches(
         fixed=_refine_subvoxel(
             fix, fix.zyx[pairs[:, 1]], mov.descriptors[torch.as_tensor(pairs[:, 0])]
@@ -203,7 +285,36 @@ def find_matches(
         similarity=similarity.astype(np.float64),
         queried=queried,
         stable=int(stable.sum()),
+        outside=outside,
     )
+
+
+def model_similarity_threshold(weights: str | os.PathLike) -> float | None:
+    """The similarity threshold calibrated for a SAM model: ``similarity_threshold`` in its record
+    (``NAME.json`` beside ``NAME.pt``), used only when the record's SHA256 is that of the weights.
+    None for a checkpoint without one (e.g. the official ``SAM.pth``, whose threshold is SAME's)."""
+    weights = Path(weights)
+    record = read_record(weights.with_suffix(".json"))
+    value = record.get("similarity_threshold")
+    if not isinstance(value, int | float) or isinstance(value, bool) or not -1 <= value < 1:
+        return None
+    if record.get("sha256") != file_sha256(weights):
+        log.warning("%s: its record is for another file; its threshold is not used", weights)
+        return None
+    return float(value)
+
+
+def with_model_threshold(
+    config: RegistrationConfig, weights: str | os.PathLike | None
+) -> RegistrationConfig:
+    """``config`` with a null ``matching.similarity_threshold`` set to the SAM model's calibrated
+    value, where its record has one; unchanged otherwise (then the feature default applies)."""
+    if config.matching.similarity_threshold is not None or weights is None:
+        return config
+    value = model_similarity_threshold(weights)
+    if value is None:
+        return config
+    return config.with_overrides({"matching.similarity_threshold": value})
 
 
 def nearest_matches(

@@ -24,7 +24,7 @@ from .features import FeatureExtractor, FeatureMaps, make_extractor
 from .grid import Grid
 from .image import ImageLike, check_ct, check_labels, read_image, to_working_grid
 from .initial_pose import find_initial_pose
-from .matching import Matches, find_matches
+from .matching import Matches, find_matches, with_model_threshold
 from .result import RegistrationResult
 from .stages import (
     ProgressCallback,
@@ -76,6 +76,7 @@ def register(
             )
     device = resolve_device(config.device)
     extractor = make_extractor(config, device)
+    config = with_model_threshold(config, getattr(extractor, "weights", None))
     config = resolved(config, extractor.name)
     context = StageContext(device=device, progress=progress)
     if config.deform.enabled:
