@@ -34,7 +34,7 @@ log = logging.getLogger("SAMERegistrationLib")
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "train-sam":
-        from .train.cli import main as train_sam_main
+        from .train.sam_cli import main as train_sam_main
 
         return train_sam_main(argv[1:])
     if argv and argv[0] == "sam-pair-maps":

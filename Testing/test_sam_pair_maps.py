@@ -18,10 +18,8 @@ from SAMERegistrationLib.features.sam_network import load_sam_checkpoint
 from SAMERegistrationLib.grid import Grid
 from SAMERegistrationLib.image import to_working_grid
 from SAMERegistrationLib.synthetic import make_phantom
-from SAMERegistrationLib.train.cli import main as train_main
 from SAMERegistrationLib.train.crops import CropConfig, draw_pair_geometry, load_scan, render_view
 from SAMERegistrationLib.train.cross_patient import CrossPatientDataset, render_through_map
-from SAMERegistrationLib.train.losses import LossConfig, sam_loss
 from SAMERegistrationLib.train.pair_maps import (
     ENTRY_FORMAT,
     MANIFEST,
@@ -38,6 +36,8 @@ from SAMERegistrationLib.train.pair_maps import (
     write_manifest,
 )
 from SAMERegistrationLib.train.pair_maps_cli import main as pair_maps_main
+from SAMERegistrationLib.train.sam_cli import main as train_main
+from SAMERegistrationLib.train.sam_losses import LossConfig, sam_loss
 from SAMERegistrationLib.train.sam_trainer import (
     SAMTrainConfig,
     load_training_checkpoint,

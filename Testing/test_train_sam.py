@@ -21,7 +21,6 @@ from SAMERegistrationLib.features.sam_network import (
 )
 from SAMERegistrationLib.shipped import file_sha256
 from SAMERegistrationLib.synthetic import make_phantom
-from SAMERegistrationLib.train.cli import main
 from SAMERegistrationLib.train.crops import (
     CropConfig,
     CropPairDataset,
@@ -31,7 +30,8 @@ from SAMERegistrationLib.train.crops import (
     render_view,
     scan_from_image,
 )
-from SAMERegistrationLib.train.losses import LossConfig, nearest_partners, sam_loss
+from SAMERegistrationLib.train.sam_cli import main
+from SAMERegistrationLib.train.sam_losses import LossConfig, nearest_partners, sam_loss
 from SAMERegistrationLib.train.sam_trainer import (
     SAMTrainConfig,
     collect_scans,

@@ -1,7 +1,7 @@
 """Training: the SAM network self-supervised (``train-sam``) and SAM-deform (``train-deform``).
 
 The public names are imported on first use, so that the light modules of this package (``views``,
-``losses``) load without the trainers' file reading (SimpleITK), e.g. on a machine without it.
+``sam_losses``) load without the trainers' file reading (SimpleITK), e.g. on a machine without it.
 """
 
 from importlib import import_module

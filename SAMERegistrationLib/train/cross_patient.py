@@ -4,7 +4,7 @@ Both views are laid out in the fixed scan's space (``draw_pair_geometry`` on the
 first view shows the fixed scan; the second shows the moving scan pulled through the registration
 map ``p -> A (p + u(p))`` (``pair_maps``): its voxel at fixed-space point p holds the moving scan
 at the map's image of p. The two views thus share one coordinate frame, and the same-scan
-correspondence machinery (``losses``) gives cross-patient positives wherever the map is right. The
+correspondence machinery (``sam_losses``) gives cross-patient positives wherever the map is right. The
 global loss uses every valid voxel; the local loss only voxels where the map's local similarity
 reaches ``min_similarity`` (``View.reliable``), since the map is a teacher with errors.
 """

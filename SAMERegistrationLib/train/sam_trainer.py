@@ -1,7 +1,7 @@
 """Self-supervised training of the SAM network on unlabelled CT (same-code-facts.md section 3).
 
 ``train_sam`` checks every scan's header before any work, then runs SGD with a linear warm-up on
-batches of crop pairs (``crops``) and the local + global InfoNCE loss (``losses``), in mixed
+batches of crop pairs (``crops``) and the local + global InfoNCE loss (``sam_losses``), in mixed
 precision with loss scaling on CUDA. Every ``checkpoint_every`` iterations it writes a checkpoint
 holding the model, optimiser, loss scaler, every random generator's state and the iteration, so
 ``resume=True`` continues where the run stopped; the batches themselves are keyed by iteration.
@@ -49,9 +49,9 @@ from .checkpoints import (
 )
 from .crops import CropConfig, CropPairDataset, PairBatch
 from .cross_patient import CrossPatientDataset
-from .losses import LossConfig, LossTerms, sam_loss
 from .pair_maps import load_pair_maps
 from .relative_position import make_probe, position_loss
+from .sam_losses import LossConfig, LossTerms, sam_loss
 
 log = logging.getLogger(__name__)
 

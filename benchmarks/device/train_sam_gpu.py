@@ -56,7 +56,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from SAMERegistrationLib.features.sam_network import GLOBAL_STRIDE, LOCAL_STRIDE, SAMNetwork  # noqa: E402
-from SAMERegistrationLib.train.losses import LossConfig, sam_loss  # noqa: E402
+from SAMERegistrationLib.train.sam_losses import LossConfig, sam_loss  # noqa: E402
 from SAMERegistrationLib.train.views import (  # noqa: E402
     GLOBAL_OFFSET,
     LOCAL_OFFSET,

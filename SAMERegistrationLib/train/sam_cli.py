@@ -11,7 +11,7 @@ from ..errors import SameRegistrationError
 from ..features.sam_network import load_sam_checkpoint
 from .command import Bars, add_run_arguments, report_interrupted
 from .crops import CropConfig
-from .losses import LossConfig
+from .sam_losses import LossConfig
 from .sam_trainer import LR_SCHEDULES, OPTIMIZERS, SAMTrainConfig, collect_scans, train_sam
 
 _DEFAULTS = SAMTrainConfig()
