@@ -18,13 +18,13 @@ from SAMERegistrationLib.errors import CheckpointError, ConfigError, InputError,
 from SAMERegistrationLib.features import resolve_features as registration_features
 from SAMERegistrationLib.features.sam import default_weights
 from SAMERegistrationLib.synthetic import make_phantom
+from SAMERegistrationLib.train.checkpoints import list_checkpoints
 from SAMERegistrationLib.train.deform_cache import PairCache
 from SAMERegistrationLib.train.deform_trainer import (
     DeformTrainConfig,
     crop_pair,
     deform_loss,
     draw_pairs,
-    list_checkpoints,
     load_training_checkpoint,
     new_training_state,
     resolve_features,
@@ -102,7 +102,7 @@ def test_training_steps_lower_the_loss(scans, tmp_path) -> None:
     before = loss_now()
     for _ in range(8):
         terms = train_step(state, pair, config)
-    assert terms.sam.item() > 0 and terms.similarity.item() > 0
+    assert terms.parts["sam"].item() > 0 and terms.parts["similarity"].item() > 0
     assert loss_now() < before - 0.01
 
 

@@ -21,6 +21,7 @@ from SAMERegistrationLib.features.sam_network import (
 )
 from SAMERegistrationLib.shipped import file_sha256
 from SAMERegistrationLib.synthetic import make_phantom
+from SAMERegistrationLib.train.checkpoints import list_checkpoints
 from SAMERegistrationLib.train.crops import (
     CropConfig,
     CropPairDataset,
@@ -36,7 +37,6 @@ from SAMERegistrationLib.train.sam_trainer import (
     SAMTrainConfig,
     collect_scans,
     learning_rate,
-    list_checkpoints,
     load_training_checkpoint,
     new_training_state,
     train_sam,

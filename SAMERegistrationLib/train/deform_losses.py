@@ -10,21 +10,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 
 SIMILARITIES = ("lncc", "ncc")
 MASK_LEVEL = 0.8
-
-
-@dataclass
-class DeformLossTerms:
-    total: torch.Tensor
-    similarity: torch.Tensor
-    sam: torch.Tensor
-    smooth: torch.Tensor
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,6 @@ import json
 import logging
 import os
 import random
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -35,35 +34,37 @@ from ..deform_net.field import VARIANTS, displacement
 from ..deform_net.inputs import DeformInputs
 from ..deform_net.network import DeformNetwork
 from ..device import resolve_device
-from ..errors import CheckpointError, ConfigError, DeviceError, InputError, OutputError
+from ..errors import CheckpointError, ConfigError, DeviceError, InputError
 from ..features.base import FeatureMaps
 from ..shipped import file_sha256
 from .checkpoints import (
     check_same_settings,
-    checkpoint_path,
-    list_checkpoints,
     prepare_log,
     read_checkpoint,
-    remove_old_checkpoints,
     restore,
     training_payload,
 )
 from .deform_cache import PairCache, TrainingPair
-from .deform_losses import MASK_LEVEL, SIMILARITIES, DeformLossTerms, masked_mean, similarity_loss
+from .deform_losses import MASK_LEVEL, SIMILARITIES, masked_mean, similarity_loss
+from .run import (
+    CACHE_DIR,
+    CONFIG_FILE,
+    LOG_FILE,
+    LossTerms,
+    Progress,
+    StepLog,
+    existing_checkpoints,
+    optimizer_step,
+)
 from .sam_trainer import check_scan_files
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "same-deform-training"
 FINAL_WEIGHTS = "deform_trained.pth"
-LOG_FILE = "train_log.tsv"
 LOG_HEADER = "iteration\tloss\tsimilarity\tsam\tsmoothness\tpair\tseconds\n"
-CACHE_DIR = "cache"
 #: Settings a resumed run may change; any other change would break the exact continuation.
 RESUMABLE_CHANGES = ("epochs", "checkpoint_every", "keep_checkpoints", "device")
-
-#: ``progress(iterations_done, iterations_total, loss)``, called after every iteration.
-Progress = Callable[[int, int, float], None]
 
 
 @dataclass(frozen=True)
@@ -243,9 +244,7 @@ def random_box(config: DeformTrainConfig, iteration: int, shape: Sequence[int]) 
 # --- the step ------------------------------------------------------------------------------------
 
 
-def deform_loss(
-    output: torch.Tensor, pair: TrainingPair, config: DeformTrainConfig
-) -> DeformLossTerms:
+def deform_loss(output: torch.Tensor, pair: TrainingPair, config: DeformTrainConfig) -> LossTerms:
     """The weighted loss of the network's ``output`` (voxels) for one pre-aligned pair."""
     grid = pair.inputs.grid
     u = displacement(output, grid, config.variant, config.integration_steps)
@@ -265,7 +264,7 @@ def deform_loss(
         + config.sam_loss_weight * sam
         + config.smoothness * smooth
     )
-    return DeformLossTerms(total, similarity, sam, smooth)
+    return LossTerms(total, {"similarity": similarity, "sam": sam, "smoothness": smooth})
 
 
 def _sam_loss(u: torch.Tensor, pair: TrainingPair) -> torch.Tensor:
@@ -305,24 +304,13 @@ def new_training_state(config: DeformTrainConfig, device: torch.device) -> Train
     return TrainingState(model, optimizer, torch.amp.GradScaler(device.type, enabled=amp), device)
 
 
-def train_step(
-    state: TrainingState, pair: TrainingPair, config: DeformTrainConfig
-) -> DeformLossTerms:
+def train_step(state: TrainingState, pair: TrainingPair, config: DeformTrainConfig) -> LossTerms:
     """One Adam step on one pair (network under float16 autocast on CUDA, the rest in float32)."""
     inputs = pair.inputs
     with torch.autocast(state.device.type, dtype=torch.float16, enabled=state.scaler.is_enabled()):
         output = state.model(inputs.moving, inputs.fixed, inputs.correlation)
     terms = deform_loss(output.float(), pair, config)
-    if not torch.isfinite(terms.total) and not state.scaler.is_enabled():
-        raise ConfigError(
-            f"SAM-deform training diverged at iteration {state.iteration + 1} (loss "
-            f"{terms.total.item()}). Lower --lr."
-        )
-    state.optimizer.zero_grad(set_to_none=True)
-    state.scaler.scale(terms.total).backward()
-    state.scaler.step(state.optimizer)
-    state.scaler.update()
-    state.iteration += 1
+    optimizer_step(state, terms, "SAM-deform", "Lower --lr.")
     return terms
 
 
@@ -398,7 +386,14 @@ def _train_loop(
 ) -> None:
     total = config.epochs * len(usable)
     with open(output_dir / LOG_FILE, "a") as log_file:
-        tick = time.perf_counter()
+        steps = StepLog(
+            log_file,
+            total,
+            config.checkpoint_every,
+            config.keep_checkpoints,
+            progress,
+            lambda path: save_training_checkpoint(state, config, pairs, path),
+        )
         while state.iteration < total:
             epoch, position = divmod(state.iteration, len(usable))
             index = usable[_pair_order(config, epoch, len(usable))[position]]
@@ -407,21 +402,7 @@ def _train_loop(
                 start = random_box(config, state.iteration, pair.inputs.grid.shape)
                 pair = crop_pair(pair, start, config.patch)
             terms = train_step(state, pair, config)
-            loss = terms.total.item()
-            now = time.perf_counter()
-            log_file.write(
-                f"{state.iteration}\t{loss:.5f}\t{terms.similarity.item():.5f}\t"
-                f"{terms.sam.item():.5f}\t{terms.smooth.item():.6f}\t{index}\t{now - tick:.3f}\n"
-            )
-            tick = now
-            if progress is not None:
-                progress(state.iteration, total, loss)
-            if state.iteration % config.checkpoint_every == 0 or state.iteration == total:
-                log_file.flush()
-                save_training_checkpoint(
-                    state, config, pairs, checkpoint_path(output_dir, state.iteration)
-                )
-                remove_old_checkpoints(output_dir, config.keep_checkpoints)
+            steps.record(state.iteration, terms, str(index))
 
 
 def train_deform(
@@ -445,19 +426,14 @@ def train_deform(
     registration = config.registration_config().resolved_for(config.features)
     output_dir = Path(output_dir)
     device = resolve_device(config.device)
-    existing = list_checkpoints(output_dir)
-    if existing and not resume:
-        raise OutputError(
-            f"{output_dir} already holds checkpoints of a training run (latest: "
-            f"{existing[-1][1].name}). Resume it with --resume, or choose another output folder."
-        )
+    existing = existing_checkpoints(output_dir, resume)
     pairs = draw_pairs(paths, config.pairs, config.seed)
     payload = None
     if existing:
         payload = load_training_checkpoint(existing[-1][1])
         _check_same_run(payload, config, pairs, existing[-1][1])
     output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "train_config.json").write_text(
+    (output_dir / CONFIG_FILE).write_text(
         json.dumps(
             {"config": config.to_dict(), "pairs": [[str(f), str(m)] for f, m in pairs]}, indent=2
         )

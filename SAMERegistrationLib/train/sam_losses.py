@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .run import LossTerms
 from .views import PairBatch
 
 
@@ -45,14 +46,6 @@ class LossConfig:
     # The relative-position probe on the global embedding (relative_position); 0: off.
     position_weight: float = 0.0
     position_samples: int = 256  # voxel pairs per crop pair
-
-
-@dataclass
-class LossTerms:
-    total: torch.Tensor
-    local: torch.Tensor
-    global_: torch.Tensor
-    position: torch.Tensor | None = None
 
 
 def sam_loss(
@@ -110,7 +103,7 @@ def sam_loss(
         )
     local_loss = _mean(local_terms, local)
     global_loss = _mean(global_terms, global_)
-    return LossTerms(local_loss + global_loss, local_loss, global_loss)
+    return LossTerms(local_loss + global_loss, {"local": local_loss, "global": global_loss})
 
 
 def _mean(terms: list[torch.Tensor | None], features: torch.Tensor) -> torch.Tensor:

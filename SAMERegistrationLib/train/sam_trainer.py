@@ -17,8 +17,7 @@ import json
 import logging
 import math
 import os
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,7 @@ import torch
 
 from ..checkpoint_io import write_checkpoint
 from ..device import resolve_device
-from ..errors import ConfigError, DeviceError, InputError, OutputError
+from ..errors import ConfigError, DeviceError, InputError
 from ..features.sam_network import (
     GLOBAL_STRIDE,
     SAMNetwork,
@@ -39,11 +38,8 @@ from ..features.sam_network import (
 from ..shipped import file_sha256
 from .checkpoints import (
     check_same_settings,
-    checkpoint_path,
-    list_checkpoints,
     prepare_log,
     read_checkpoint,
-    remove_old_checkpoints,
     restore,
     training_payload,
 )
@@ -51,23 +47,28 @@ from .crops import CropConfig, CropPairDataset, PairBatch
 from .cross_patient import CrossPatientDataset
 from .pair_maps import load_pair_maps
 from .relative_position import make_probe, position_loss
-from .sam_losses import LossConfig, LossTerms, sam_loss
+from .run import (
+    CACHE_DIR,
+    CONFIG_FILE,
+    LOG_FILE,
+    LossTerms,
+    Progress,
+    StepLog,
+    existing_checkpoints,
+    optimizer_step,
+)
+from .sam_losses import LossConfig, sam_loss
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "same-sam-training"
 FINAL_WEIGHTS = "sam_trained.pth"
-LOG_FILE = "train_log.tsv"
 LOG_HEADER = "iteration\tloss\tlocal\tglobal\tposition\tlr\tseconds\n"
-CACHE_DIR = "cache"
 #: Settings a resumed run may change; any other change would break the exact continuation.
 RESUMABLE_CHANGES = ("iterations", "checkpoint_every", "keep_checkpoints", "device", "workers")
 _SHOW = 5  # how many offending files an error message lists
 OPTIMIZERS = ("sgd", "adam")
 LR_SCHEDULES = ("constant", "cosine")
-
-#: ``progress(iterations_done, iterations_total, loss)``, called after every iteration.
-Progress = Callable[[int, int, float], None]
 
 
 @dataclass(frozen=True)
@@ -391,19 +392,12 @@ def train_step(state: TrainingState, batch: PairBatch, config: SAMTrainConfig) -
     with torch.autocast(state.device.type, dtype=torch.float16, enabled=state.scaler.is_enabled()):
         local, global_ = state.model(batch.images)
     terms = sam_loss(local, global_, batch, config.loss)
+    position = terms.total.new_zeros(())
     if state.probe is not None:
-        terms.position = position_loss(state.probe, global_, batch, config.loss.position_samples)
-        terms.total = terms.total + config.loss.position_weight * terms.position
-    if not state.scaler.is_enabled() and not torch.isfinite(terms.total):
-        raise ConfigError(
-            f"SAM training diverged at iteration {state.iteration + 1} (loss {terms.total.item()}). "
-            "Lower --lr or lengthen the warm-up."
-        )
-    state.optimizer.zero_grad(set_to_none=True)
-    state.scaler.scale(terms.total).backward()
-    state.scaler.step(state.optimizer)
-    state.scaler.update()
-    state.iteration += 1
+        position = position_loss(state.probe, global_, batch, config.loss.position_samples)
+        terms.total = terms.total + config.loss.position_weight * position
+    terms.parts["position"] = position
+    optimizer_step(state, terms, "SAM", "Lower --lr or lengthen the warm-up.")
     return terms
 
 
@@ -426,30 +420,19 @@ def _train_loop(
         generator=torch.Generator().manual_seed(config.seed),
     )
     with open(output_dir / LOG_FILE, "a", buffering=1) as log_file:  # line by line, to follow
-        tick = time.perf_counter()
+        steps = StepLog(
+            log_file,
+            config.iterations,
+            config.checkpoint_every,
+            config.keep_checkpoints,
+            progress,
+            lambda path: save_training_checkpoint(state, config, paths, path),
+        )
         for batch in loader:
             terms = train_step(state, batch, config)
-            loss = terms.total.item()
-            now = time.perf_counter()
-            log_file.write(
-                f"{state.iteration}\t{loss:.5f}\t{terms.local.item():.5f}\t"
-                f"{terms.global_.item():.5f}\t"
-                f"{terms.position.item() if terms.position is not None else 0.0:.5f}\t"
-                f"{learning_rate(config, state.iteration - 1):.6g}\t"
-                f"{now - tick:.3f}\n"
+            steps.record(
+                state.iteration, terms, f"{learning_rate(config, state.iteration - 1):.6g}"
             )
-            tick = now
-            if progress is not None:
-                progress(state.iteration, config.iterations, loss)
-            if (
-                state.iteration % config.checkpoint_every == 0
-                or state.iteration == config.iterations
-            ):
-                log_file.flush()
-                save_training_checkpoint(
-                    state, config, paths, checkpoint_path(output_dir, state.iteration)
-                )
-                remove_old_checkpoints(output_dir, config.keep_checkpoints)
 
 
 def train_sam(
@@ -472,12 +455,7 @@ def train_sam(
     pair_files = load_pair_maps(config.pair_maps, paths) if config.pair_maps is not None else []
     output_dir = Path(output_dir)
     device = resolve_device(config.device)
-    existing = list_checkpoints(output_dir)
-    if existing and not resume:
-        raise OutputError(
-            f"{output_dir} already holds checkpoints of a training run (latest: "
-            f"{existing[-1][1].name}). Resume it with --resume, or choose another output folder."
-        )
+    existing = existing_checkpoints(output_dir, resume)
     state = new_training_state(config, device)  # refuses unusable initial weights
     output_dir.mkdir(parents=True, exist_ok=True)
     log.info("Training SAM on %d scans on %s; outputs in %s", len(paths), device, output_dir)
@@ -501,7 +479,7 @@ def train_sam(
     record: dict[str, Any] = {"config": config.to_dict(), "scans": [str(p) for p in paths]}
     if config.init_weights is not None:
         record["init_weights_sha256"] = file_sha256(Path(config.init_weights))
-    (output_dir / "train_config.json").write_text(json.dumps(record, indent=2))
+    (output_dir / CONFIG_FILE).write_text(json.dumps(record, indent=2))
     prepare_log(output_dir / LOG_FILE, LOG_HEADER, state.iteration)
 
     workers = config.workers if config.workers is not None else (4 if device.type == "cuda" else 0)

@@ -295,7 +295,8 @@ def train(
             iteration += 1
             if iteration % 10 == 0 or iteration <= 3:
                 values = [
-                    float(x.detach()) for x in (total, terms.local, terms.global_, probe_loss)
+                    float(x.detach())
+                    for x in (total, terms.parts["local"], terms.parts["global"], probe_loss)
                 ]
                 if not all(math.isfinite(v) for v in values) and not scaler.is_enabled():
                     raise SystemExit(f"error: training diverged at iteration {iteration}")
