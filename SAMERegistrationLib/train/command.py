@@ -1,17 +1,23 @@
-"""What the training commands (``train-sam``, ``train-deform``) share: run options, progress
-bars and the message of an interrupted run."""
+"""What the training commands (``train-sam``, ``train-deform``, ``sam-pair-maps``) share: input and
+run options, progress bars, and running the work with its errors and interruption handled."""
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
+from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+from ..errors import SameRegistrationError
 from .checkpoints import list_checkpoints
 
 
-def add_input_arguments(parser: argparse.ArgumentParser) -> None:
+def add_input_arguments(
+    parser: argparse.ArgumentParser, output_help: str = "output folder"
+) -> None:
     """The scans (files or folders), -o/--output and --exclude-pattern."""
     parser.add_argument(
         "scans",
@@ -19,7 +25,7 @@ def add_input_arguments(parser: argparse.ArgumentParser) -> None:
         help="CT volumes in Hounsfield units (NIfTI, NRRD, MHA ...), or folders holding only such "
         "files (their sub-folders and hidden files are ignored)",
     )
-    parser.add_argument("-o", "--output", required=True, type=Path, help="output folder")
+    parser.add_argument("-o", "--output", required=True, type=Path, help=output_help)
     parser.add_argument(
         "--exclude-pattern",
         action="append",
@@ -48,6 +54,10 @@ def add_run_arguments(parser: argparse.ArgumentParser, defaults: Any) -> None:
         action="store_true",
         help="continue the run in the output folder from its latest checkpoint",
     )
+    add_progress_argument(parser)
+
+
+def add_progress_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--progress", choices=["bars", "none"], default="bars", help="default %(default)s"
     )
@@ -74,9 +84,40 @@ class Bars:
             bar.close()
 
 
+def phase(bars: Bars | None, name: str) -> Callable[..., None] | None:
+    """A progress callback ``(done, total[, loss])`` that updates the bar ``name``, or None."""
+    return None if bars is None else partial(bars.update, name)
+
+
 def report_interrupted(output: Path) -> int:
     """Say how to continue an interrupted run; the exit code for Ctrl-C."""
     saved = list_checkpoints(output)
     where = f" from {saved[-1][1].name}" if saved else " (no checkpoint was written yet)"
     print(f"interrupted: continue with --resume{where}.", file=sys.stderr)
     return 130
+
+
+def run_command(
+    parser: argparse.ArgumentParser,
+    argv: Sequence[str] | None,
+    work: Callable[[argparse.Namespace, Bars | None], Path],
+    made: str,
+    interrupted: Callable[[Path], int] = report_interrupted,
+) -> int:
+    """Parse ``argv``, run ``work(args, bars)`` and print ``made: <its file>``; 0 on success, 2 on
+    a user error (printed as ``error: ...``), ``interrupted(args.output)`` on Ctrl-C."""
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    bars = Bars() if args.progress == "bars" else None
+    try:
+        result = work(args, bars)
+    except SameRegistrationError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return interrupted(args.output)
+    finally:
+        if bars is not None:
+            bars.close()
+    print(f"{made}: {result}")
+    return 0

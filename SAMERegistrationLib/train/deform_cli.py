@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import logging
-import sys
+from pathlib import Path
 
 from ..config import FEATURES, parse_set_options
 from ..deform_net.field import VARIANTS
-from ..errors import SameRegistrationError
-from .command import Bars, add_input_arguments, add_run_arguments, report_interrupted
+from .command import Bars, add_input_arguments, add_run_arguments, phase, run_command
 from .deform_losses import SIMILARITIES
 from .deform_trainer import DeformTrainConfig, train_deform
 from .sam_trainer import collect_scans
@@ -78,35 +76,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run ``train-deform``; 0 on success, 2 on a user error (printed as ``error: ...``)."""
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    bars = Bars() if args.progress == "bars" else None
-    try:
-        config = DeformTrainConfig(
-            **{name: getattr(args, name) for _, name, *_ in _SETTINGS},
-            correlation=not args.no_correlation,
-            seed=args.seed,
-            device=args.device,
-            checkpoint_every=args.checkpoint_every,
-            patch=tuple(args.patch) if args.patch else None,
-            prealign=parse_set_options(args.set),
-        )
-        scans = collect_scans(args.scans, args.exclude_pattern)
-        final = train_deform(
-            scans,
-            args.output,
-            config,
-            progress=(lambda d, t, loss: bars.update("train-deform", d, t, loss)) if bars else None,
-            resume=args.resume,
-            prepare_progress=(lambda d, t: bars.update("pre-align", d, t)) if bars else None,
-        )
-    except SameRegistrationError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return report_interrupted(args.output)
-    finally:
-        if bars is not None:
-            bars.close()
-    print(f"trained SAM-deform weights: {final}")
-    return 0
+    return run_command(build_parser(), argv, _train, "trained SAM-deform weights")
+
+
+def _train(args: argparse.Namespace, bars: Bars | None) -> Path:
+    config = DeformTrainConfig(
+        **{name: getattr(args, name) for _, name, *_ in _SETTINGS},
+        correlation=not args.no_correlation,
+        seed=args.seed,
+        device=args.device,
+        checkpoint_every=args.checkpoint_every,
+        patch=tuple(args.patch) if args.patch else None,
+        prealign=parse_set_options(args.set),
+    )
+    scans = collect_scans(args.scans, args.exclude_pattern)
+    return train_deform(
+        scans,
+        args.output,
+        config,
+        progress=phase(bars, "train-deform"),
+        resume=args.resume,
+        prepare_progress=phase(bars, "pre-align"),
+    )

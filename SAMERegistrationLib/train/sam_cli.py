@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import logging
-import sys
 from pathlib import Path
 
-from ..errors import SameRegistrationError
 from ..features.sam_network import load_sam_checkpoint
-from .command import Bars, add_run_arguments, report_interrupted
+from .command import Bars, add_input_arguments, add_run_arguments, phase, run_command
 from .crops import CropConfig
 from .sam_losses import LossConfig
 from .sam_trainer import LR_SCHEDULES, OPTIMIZERS, SAMTrainConfig, collect_scans, train_sam
@@ -25,21 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
         "OpenKBP, train on train_* and leave validation_* out, e.g. with "
         "--exclude-pattern 'validation_*'.",
     )
-    parser.add_argument(
-        "scans",
-        nargs="+",
-        help="CT volumes in Hounsfield units (NIfTI, NRRD, MHA ...), or folders holding only such "
-        "files (their sub-folders and hidden files are ignored)",
-    )
-    parser.add_argument("-o", "--output", required=True, type=Path, help="output folder")
-    parser.add_argument(
-        "--exclude-pattern",
-        action="append",
-        default=[],
-        metavar="PATTERN",
-        help="leave out files whose name or path matches this shell pattern, e.g. "
-        "'validation_*' or '*_label*' (repeatable; default: none)",
-    )
+    add_input_arguments(parser)
     parser.add_argument(
         "--iterations", type=int, default=_DEFAULTS.iterations, help="default %(default)s"
     )
@@ -199,12 +182,6 @@ def _add_cross_patient_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _train_bar(bars: Bars | None):
-    if bars is None:
-        return None
-    return lambda done, total, loss: bars.update("train-sam", done, total, loss)
-
-
 def _embedding_dim(given: int | None, start) -> int:
     if given is not None:  # passed on to be checked against the weights
         return given
@@ -213,56 +190,46 @@ def _embedding_dim(given: int | None, start) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Run ``train-sam``; 0 on success, 2 on a user error (printed as ``error: ...``)."""
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    bars = Bars() if args.progress == "bars" else None
-    try:
-        init = str(args.init_weights) if args.init_weights is not None else None
-        start = load_sam_checkpoint(init) if init is not None else None
-        width = args.width
-        if width is None:  # an explicit width, even a bad one, is passed on to be checked
-            width = start.width if start is not None else _DEFAULTS.width
-        config = SAMTrainConfig(
-            iterations=args.iterations,
-            batch=args.batch,
-            width=width,
-            embedding_dim=_embedding_dim(args.embedding_dim, start),
-            lr=args.lr,
-            optimizer=args.optimizer,
-            lr_schedule=args.lr_schedule,
-            init_weights=init,
-            warmup_iterations=args.warmup,
-            seed=args.seed,
-            device=args.device,
-            checkpoint_every=args.checkpoint_every,
-            workers=args.workers,
-            pair_maps=str(args.pair_maps) if args.pair_maps is not None else None,
-            cross_patient_share=args.cross_patient_share,
-            cross_patient_min_similarity=args.cross_patient_min_similarity,
-            crops=CropConfig(
-                patch=tuple(args.patch),
-                scale_range=tuple(args.scale_range),
-                intensity_scale=args.intensity_jitter[0],
-                intensity_shift_hu=args.intensity_jitter[1],
-                body_only=args.body_only,
-            ),
-            loss=LossConfig(
-                local_ignore_mm=args.local_ignore_mm,
-                cross_local_positive_mm=args.cross_local_positive_mm,
-                cross_local_ignore_mm=args.cross_local_ignore_mm,
-                cross_local_weight=args.cross_local_weight,
-                position_weight=args.position_weight,
-            ),
-        )
-        scans = collect_scans(args.scans, args.exclude_pattern)
-        final = train_sam(scans, args.output, config, progress=_train_bar(bars), resume=args.resume)
-    except SameRegistrationError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return report_interrupted(args.output)
-    finally:
-        if bars is not None:
-            bars.close()
-    print(f"trained SAM weights: {final}")
-    return 0
+    return run_command(build_parser(), argv, _train, "trained SAM weights")
+
+
+def _train(args: argparse.Namespace, bars: Bars | None) -> Path:
+    init = str(args.init_weights) if args.init_weights is not None else None
+    start = load_sam_checkpoint(init) if init is not None else None
+    width = args.width
+    if width is None:  # an explicit width, even a bad one, is passed on to be checked
+        width = start.width if start is not None else _DEFAULTS.width
+    config = SAMTrainConfig(
+        iterations=args.iterations,
+        batch=args.batch,
+        width=width,
+        embedding_dim=_embedding_dim(args.embedding_dim, start),
+        lr=args.lr,
+        optimizer=args.optimizer,
+        lr_schedule=args.lr_schedule,
+        init_weights=init,
+        warmup_iterations=args.warmup,
+        seed=args.seed,
+        device=args.device,
+        checkpoint_every=args.checkpoint_every,
+        workers=args.workers,
+        pair_maps=str(args.pair_maps) if args.pair_maps is not None else None,
+        cross_patient_share=args.cross_patient_share,
+        cross_patient_min_similarity=args.cross_patient_min_similarity,
+        crops=CropConfig(
+            patch=tuple(args.patch),
+            scale_range=tuple(args.scale_range),
+            intensity_scale=args.intensity_jitter[0],
+            intensity_shift_hu=args.intensity_jitter[1],
+            body_only=args.body_only,
+        ),
+        loss=LossConfig(
+            local_ignore_mm=args.local_ignore_mm,
+            cross_local_positive_mm=args.cross_local_positive_mm,
+            cross_local_ignore_mm=args.cross_local_ignore_mm,
+            cross_local_weight=args.cross_local_weight,
+            position_weight=args.position_weight,
+        ),
+    )
+    scans = collect_scans(args.scans, args.exclude_pattern)
+    return train_sam(scans, args.output, config, phase(bars, "train-sam"), resume=args.resume)
