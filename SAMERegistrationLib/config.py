@@ -222,38 +222,39 @@ class RegistrationConfig:
         return self.with_overrides(changes) if changes else self
 
 
-# Every numeric setting: (key, low, high, low excluded, high excluded). NaN and infinity are never
-# valid; null only where the default is null (a feature-dependent default).
+# Every numeric setting and the values it takes. NaN and infinity are never valid; null only where
+# the default is null (a feature-dependent default). Most take any value from a lower bound up:
+_AT_LEAST: dict[float, tuple[str, ...]] = {
+    1: ("matching.grid_stride", "matching.cycle_rounds", "coarse.grid_divisor", "instance.cost_stride"),
+    4: ("affine.min_matches",),
+    0.0: (
+        "matching.search_radius_mm", "matching.ratio_exclusion_mm", "matching.overlap_margin_mm",
+        "affine.outlier_factor", "affine.ransac_iterations", "coarse.smoothness", "coarse.iterations",
+        "coarse.rematch_radius_mm", "instance.iterations", "instance.smoothness",
+        "instance.smoothing_passes",
+    ),
+}  # fmt: skip
+_POSITIVE = (
+    "matching.chunk_memory_mb", "affine.ransac_inlier_mm", "coarse.learning_rate",
+    "instance.learning_rate",
+)  # fmt: skip
+# The others: key -> (low, high, low excluded, high excluded).
+_BOUNDED: dict[str, tuple[float, float, bool, bool]] = {
+    "working_spacing_mm": (*SPACING_RANGE_MM, False, False),
+    "seed": (0, 2**32 - 1, False, False),
+    "matching.similarity_threshold": (-1.0, 1.0, False, True),
+    "matching.min_match_share": (0.0, 1.0, False, False),
+    "matching.ratio_max": (0.0, 1.0, True, False),
+    "affine.min_scale": (0.0, 1.0, True, False),
+    "affine.max_scale": (1.0, math.inf, False, True),
+    "initial_pose.angle_threshold_deg": (0.0, 180.0, False, False),
+    "initial_pose.spacing_mm": (2.0, 20.0, False, False),
+}
+#: (key, low, high, low excluded, high excluded) of every numeric setting.
 NUMERIC_RANGES: tuple[tuple[str, float, float, bool, bool], ...] = (
-    ("working_spacing_mm", *SPACING_RANGE_MM, False, False),
-    ("seed", 0, 2**32 - 1, False, False),
-    ("matching.grid_stride", 1, math.inf, False, True),
-    ("matching.cycle_rounds", 1, math.inf, False, True),
-    ("matching.similarity_threshold", -1.0, 1.0, False, True),
-    ("matching.search_radius_mm", 0.0, math.inf, False, True),
-    ("matching.chunk_memory_mb", 0.0, math.inf, True, True),
-    ("matching.min_match_share", 0.0, 1.0, False, False),
-    ("affine.min_matches", 4, math.inf, False, True),
-    ("affine.outlier_factor", 0.0, math.inf, False, True),
-    ("coarse.grid_divisor", 1, math.inf, False, True),
-    ("coarse.smoothness", 0.0, math.inf, False, True),
-    ("coarse.iterations", 0, math.inf, False, True),
-    ("coarse.learning_rate", 0.0, math.inf, True, True),
-    ("coarse.rematch_radius_mm", 0.0, math.inf, False, True),
-    ("instance.iterations", 0, math.inf, False, True),
-    ("instance.learning_rate", 0.0, math.inf, True, True),
-    ("instance.smoothness", 0.0, math.inf, False, True),
-    ("instance.smoothing_passes", 0, math.inf, False, True),
-    ("instance.cost_stride", 1, math.inf, False, True),
-    ("initial_pose.angle_threshold_deg", 0.0, 180.0, False, False),
-    ("initial_pose.spacing_mm", 2.0, 20.0, False, False),
-    ("matching.ratio_max", 0.0, 1.0, True, False),
-    ("matching.ratio_exclusion_mm", 0.0, math.inf, False, True),
-    ("matching.overlap_margin_mm", 0.0, math.inf, False, True),
-    ("affine.ransac_iterations", 0, math.inf, False, True),
-    ("affine.ransac_inlier_mm", 0.0, math.inf, True, True),
-    ("affine.min_scale", 0.0, 1.0, True, False),
-    ("affine.max_scale", 1.0, math.inf, False, True),
+    *((key, low, math.inf, False, True) for low, keys in _AT_LEAST.items() for key in keys),
+    *((key, 0.0, math.inf, True, True) for key in _POSITIVE),
+    *((key, *bounds) for key, bounds in _BOUNDED.items()),
 )
 
 

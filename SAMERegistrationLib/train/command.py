@@ -36,6 +36,33 @@ def add_input_arguments(
     )
 
 
+#: An option that sets one config field: flag, field, type, choices (or None), help.
+Setting = tuple[str, str, type, Sequence[str] | None, str]
+
+
+def add_settings(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup,
+    settings: Sequence[Setting],
+    defaults: Any,
+) -> None:
+    """One option per setting, defaulting to the field's value in ``defaults``."""
+    for flag, name, kind, choices, text in settings:
+        parser.add_argument(
+            flag, dest=name, type=kind, choices=choices, default=getattr(defaults, name),
+            help=text, metavar=None if choices else name.upper(),
+        )  # fmt: skip
+
+
+def setting_values(args: argparse.Namespace, settings: Sequence[Setting]) -> dict[str, Any]:
+    """The fields the ``settings`` options set, by field name."""
+    return {name: getattr(args, name) for _, name, *_ in settings}
+
+
+def run_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The fields ``add_run_arguments`` options set, except --resume and --progress."""
+    return {"seed": args.seed, "device": args.device, "checkpoint_every": args.checkpoint_every}
+
+
 def add_run_arguments(parser: argparse.ArgumentParser, defaults: Any) -> None:
     """--seed, --device, --checkpoint-every, --resume and --progress, defaulting to ``defaults``."""
     parser.add_argument("--seed", type=int, default=defaults.seed, help="default %(default)s")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..config import FEATURES, parse_set_options
 from ..deform_net.field import VARIANTS
-from .command import Bars, add_input_arguments, add_run_arguments, phase, run_command
+from . import command
 from .deform_losses import SIMILARITIES
 from .deform_trainer import DeformTrainConfig, train_deform
 from .sam_trainer import collect_scans
@@ -44,12 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
         "for OpenKBP, leave validation_* and the label maps out, e.g. with --exclude-pattern "
         "'validation_*' --exclude-pattern '*_label*'.",
     )
-    add_input_arguments(parser)
-    for flag, name, kind, choices, text in _SETTINGS:
-        parser.add_argument(
-            flag, dest=name, type=kind, choices=choices, default=getattr(_DEFAULTS, name),
-            help=text, metavar=None if choices else name.upper(),
-        )  # fmt: skip
+    command.add_input_arguments(parser)
+    command.add_settings(parser, _SETTINGS, _DEFAULTS)
     parser.add_argument(
         "--no-correlation",
         action="store_true",
@@ -70,22 +66,20 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="registration setting for the pre-alignment, e.g. --set coarse.iterations=200",
     )
-    add_run_arguments(parser, _DEFAULTS)
+    command.add_run_arguments(parser, _DEFAULTS)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run ``train-deform``; 0 on success, 2 on a user error (printed as ``error: ...``)."""
-    return run_command(build_parser(), argv, _train, "trained SAM-deform weights")
+    return command.run_command(build_parser(), argv, _train, "trained SAM-deform weights")
 
 
-def _train(args: argparse.Namespace, bars: Bars | None) -> Path:
+def _train(args: argparse.Namespace, bars: command.Bars | None) -> Path:
     config = DeformTrainConfig(
-        **{name: getattr(args, name) for _, name, *_ in _SETTINGS},
+        **command.setting_values(args, _SETTINGS),
+        **command.run_settings(args),
         correlation=not args.no_correlation,
-        seed=args.seed,
-        device=args.device,
-        checkpoint_every=args.checkpoint_every,
         patch=tuple(args.patch) if args.patch else None,
         prealign=parse_set_options(args.set),
     )
@@ -94,7 +88,7 @@ def _train(args: argparse.Namespace, bars: Bars | None) -> Path:
         scans,
         args.output,
         config,
-        progress=phase(bars, "train-deform"),
+        progress=command.phase(bars, "train-deform"),
         resume=args.resume,
-        prepare_progress=phase(bars, "pre-align"),
+        prepare_progress=command.phase(bars, "pre-align"),
     )

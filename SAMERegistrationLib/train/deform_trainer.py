@@ -19,6 +19,7 @@ import os
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -37,25 +38,15 @@ from ..device import resolve_device
 from ..errors import CheckpointError, ConfigError, DeviceError, InputError
 from ..features.base import FeatureMaps
 from ..shipped import file_sha256
+from . import run
 from .checkpoints import (
     check_same_settings,
-    prepare_log,
     read_checkpoint,
     restore,
     training_payload,
 )
 from .deform_cache import PairCache, TrainingPair
 from .deform_losses import MASK_LEVEL, SIMILARITIES, masked_mean, similarity_loss
-from .run import (
-    CACHE_DIR,
-    CONFIG_FILE,
-    LOG_FILE,
-    LossTerms,
-    Progress,
-    StepLog,
-    existing_checkpoints,
-    optimizer_step,
-)
 from .sam_trainer import check_scan_files
 
 log = logging.getLogger(__name__)
@@ -244,7 +235,9 @@ def random_box(config: DeformTrainConfig, iteration: int, shape: Sequence[int]) 
 # --- the step ------------------------------------------------------------------------------------
 
 
-def deform_loss(output: torch.Tensor, pair: TrainingPair, config: DeformTrainConfig) -> LossTerms:
+def deform_loss(
+    output: torch.Tensor, pair: TrainingPair, config: DeformTrainConfig
+) -> run.LossTerms:
     """The weighted loss of the network's ``output`` (voxels) for one pre-aligned pair."""
     grid = pair.inputs.grid
     u = displacement(output, grid, config.variant, config.integration_steps)
@@ -264,7 +257,7 @@ def deform_loss(output: torch.Tensor, pair: TrainingPair, config: DeformTrainCon
         + config.sam_loss_weight * sam
         + config.smoothness * smooth
     )
-    return LossTerms(total, {"similarity": similarity, "sam": sam, "smoothness": smooth})
+    return run.LossTerms(total, {"similarity": similarity, "sam": sam, "smoothness": smooth})
 
 
 def _sam_loss(u: torch.Tensor, pair: TrainingPair) -> torch.Tensor:
@@ -304,13 +297,15 @@ def new_training_state(config: DeformTrainConfig, device: torch.device) -> Train
     return TrainingState(model, optimizer, torch.amp.GradScaler(device.type, enabled=amp), device)
 
 
-def train_step(state: TrainingState, pair: TrainingPair, config: DeformTrainConfig) -> LossTerms:
+def train_step(
+    state: TrainingState, pair: TrainingPair, config: DeformTrainConfig
+) -> run.LossTerms:
     """One Adam step on one pair (network under float16 autocast on CUDA, the rest in float32)."""
     inputs = pair.inputs
     with torch.autocast(state.device.type, dtype=torch.float16, enabled=state.scaler.is_enabled()):
         output = state.model(inputs.moving, inputs.fixed, inputs.correlation)
     terms = deform_loss(output.float(), pair, config)
-    optimizer_step(state, terms, "SAM-deform", "Lower --lr.")
+    run.optimizer_step(state, terms, "SAM-deform", "Lower --lr.")
     return terms
 
 
@@ -382,18 +377,11 @@ def _train_loop(
     pairs: Sequence[tuple[Path, Path]],
     usable: Sequence[int],
     output_dir: Path,
-    progress: Progress | None,
+    progress: run.Progress | None,
 ) -> None:
     total = config.epochs * len(usable)
-    with open(output_dir / LOG_FILE, "a") as log_file:
-        steps = StepLog(
-            log_file,
-            total,
-            config.checkpoint_every,
-            config.keep_checkpoints,
-            progress,
-            lambda path: save_training_checkpoint(state, config, pairs, path),
-        )
+    save = partial(save_training_checkpoint, state, config, pairs)
+    with run.StepLog(state, output_dir, LOG_HEADER, total, config, progress, save) as steps:
         while state.iteration < total:
             epoch, position = divmod(state.iteration, len(usable))
             index = usable[_pair_order(config, epoch, len(usable))[position]]
@@ -402,14 +390,14 @@ def _train_loop(
                 start = random_box(config, state.iteration, pair.inputs.grid.shape)
                 pair = crop_pair(pair, start, config.patch)
             terms = train_step(state, pair, config)
-            steps.record(state.iteration, terms, str(index))
+            steps.record(terms, str(index))
 
 
 def train_deform(
     scans: Sequence[str | os.PathLike[str]],
     output_dir: str | os.PathLike[str],
     config: DeformTrainConfig | None = None,
-    progress: Progress | None = None,
+    progress: run.Progress | None = None,
     resume: bool = False,
     prepare_progress: Callable[[int, int], None] | None = None,
 ) -> Path:
@@ -426,20 +414,22 @@ def train_deform(
     registration = config.registration_config().resolved_for(config.features)
     output_dir = Path(output_dir)
     device = resolve_device(config.device)
-    existing = existing_checkpoints(output_dir, resume)
+    existing = run.existing_checkpoints(output_dir, resume)
     pairs = draw_pairs(paths, config.pairs, config.seed)
     payload = None
     if existing:
         payload = load_training_checkpoint(existing[-1][1])
         _check_same_run(payload, config, pairs, existing[-1][1])
     output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / CONFIG_FILE).write_text(
+    (output_dir / run.CONFIG_FILE).write_text(
         json.dumps(
             {"config": config.to_dict(), "pairs": [[str(f), str(m)] for f, m in pairs]}, indent=2
         )
     )
     sam_sha = file_sha256(config.sam_weights) if config.features == "sam" else None
-    cache = PairCache(output_dir / CACHE_DIR, registration, sam_sha, config.needs_features, device)
+    cache = PairCache(
+        output_dir / run.CACHE_DIR, registration, sam_sha, config.needs_features, device
+    )
     log.info(
         "Pre-aligning %d pairs with %s features (cached in %s)",
         len(pairs),
@@ -461,7 +451,6 @@ def train_deform(
         )
     elif resume:
         log.warning("No checkpoint in %s: starting a new SAM-deform training run.", output_dir)
-    prepare_log(output_dir / LOG_FILE, LOG_HEADER, state.iteration)
     try:
         _train_loop(state, config, cache, pairs, usable, output_dir, progress)
     except torch.OutOfMemoryError as err:

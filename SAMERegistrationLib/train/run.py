@@ -7,16 +7,22 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
+from typing import Any
 
 import torch
 
 from ..errors import ConfigError, OutputError
-from .checkpoints import TrainingState, checkpoint_path, list_checkpoints, remove_old_checkpoints
+from .checkpoints import (
+    TrainingState,
+    checkpoint_path,
+    list_checkpoints,
+    prepare_log,
+    remove_old_checkpoints,
+)
 
 LOG_FILE = "train_log.tsv"
 CACHE_DIR = "cache"
-CONFIG_FILE = "train_config.json"
+CONFIG_FILE = "train_config.json"  # the run's settings and inputs
 
 #: ``progress(iterations_done, iterations_total, loss)``, called after every iteration.
 Progress = Callable[[int, int, float], None]
@@ -41,12 +47,12 @@ def existing_checkpoints(output_dir: Path, resume: bool) -> list[tuple[int, Path
     return existing
 
 
-def optimizer_step(state: TrainingState, terms: LossTerms, run: str, remedy: str) -> None:
+def optimizer_step(state: TrainingState, terms: LossTerms, what: str, remedy: str) -> None:
     """Back-propagate ``terms.total`` and step (with loss scaling where enabled); refuse a
-    non-finite loss, which without loss scaling means the ``run`` diverged."""
+    non-finite loss, which without loss scaling means the ``what`` training diverged."""
     if not state.scaler.is_enabled() and not torch.isfinite(terms.total):
         raise ConfigError(
-            f"{run} training diverged at iteration {state.iteration + 1} (loss "
+            f"{what} training diverged at iteration {state.iteration + 1} (loss "
             f"{terms.total.item()}). {remedy}"
         )
     state.optimizer.zero_grad(set_to_none=True)
@@ -57,35 +63,44 @@ def optimizer_step(state: TrainingState, terms: LossTerms, run: str, remedy: str
 
 
 class StepLog:
-    """One log line per iteration (iteration, loss, its parts, extra columns, seconds), progress,
-    and a checkpoint every ``every`` iterations and at the last one, keeping the ``keep`` newest."""
+    """The run's log, one line per iteration (iteration, loss, its parts, extra columns, seconds),
+    written line by line to be followed; progress; and a checkpoint every ``checkpoint_every``
+    iterations and at the last one, keeping the ``keep_checkpoints`` newest (``config``'s)."""
 
     def __init__(
         self,
-        log_file: TextIO,
+        state: TrainingState,
+        output_dir: Path,
+        header: str,
         total: int,
-        every: int,
-        keep: int,
+        config: Any,
         progress: Progress | None,
         save: Callable[[Path], None],
     ) -> None:
-        self.log_file, self.total, self.every, self.keep = log_file, total, every, keep
+        self.state, self.output_dir, self.total, self.config = state, output_dir, total, config
         self.progress, self.save = progress, save
-        self.output_dir = Path(log_file.name).parent
-        self.tick = time.perf_counter()
+        self.path = output_dir / LOG_FILE
+        prepare_log(self.path, header, state.iteration)
 
-    def record(self, iteration: int, terms: LossTerms, *extra: str) -> None:
-        loss = terms.total.item()
+    def __enter__(self) -> StepLog:
+        self.file = open(self.path, "a", buffering=1)
+        self.tick = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.file.close()
+
+    def record(self, terms: LossTerms, *extra: str) -> None:
+        """Log the iteration just done, report progress and write a checkpoint when one is due."""
+        iteration, loss = self.state.iteration, terms.total.item()
         now = time.perf_counter()
         parts = (f"{part.item():.6f}" for part in terms.parts.values())
-        columns = "\t".join(
-            [str(iteration), f"{loss:.5f}", *parts, *extra, f"{now - self.tick:.3f}"]
-        )
-        self.log_file.write(columns + "\n")
+        columns = [str(iteration), f"{loss:.5f}", *parts, *extra, f"{now - self.tick:.3f}"]
+        self.file.write("\t".join(columns) + "\n")
         self.tick = now
         if self.progress is not None:
             self.progress(iteration, self.total, loss)
-        if iteration % self.every == 0 or iteration == self.total:
-            self.log_file.flush()
+        if iteration % self.config.checkpoint_every == 0 or iteration == self.total:
+            self.file.flush()
             self.save(checkpoint_path(self.output_dir, iteration))
-            remove_old_checkpoints(self.output_dir, self.keep)
+            remove_old_checkpoints(self.output_dir, self.config.keep_checkpoints)

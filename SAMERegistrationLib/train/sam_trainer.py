@@ -19,6 +19,7 @@ import math
 import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -36,9 +37,9 @@ from ..features.sam_network import (
     save_sam_checkpoint,
 )
 from ..shipped import file_sha256
+from . import run
 from .checkpoints import (
     check_same_settings,
-    prepare_log,
     read_checkpoint,
     restore,
     training_payload,
@@ -47,16 +48,6 @@ from .crops import CropConfig, CropPairDataset, PairBatch
 from .cross_patient import CrossPatientDataset
 from .pair_maps import load_pair_maps
 from .relative_position import make_probe, position_loss
-from .run import (
-    CACHE_DIR,
-    CONFIG_FILE,
-    LOG_FILE,
-    LossTerms,
-    Progress,
-    StepLog,
-    existing_checkpoints,
-    optimizer_step,
-)
 from .sam_losses import LossConfig, sam_loss
 
 log = logging.getLogger(__name__)
@@ -384,7 +375,7 @@ def learning_rate(config: SAMTrainConfig, iteration: int) -> float:
     return config.lr * 0.5 * (1.0 + math.cos(math.pi * done))
 
 
-def train_step(state: TrainingState, batch: PairBatch, config: SAMTrainConfig) -> LossTerms:
+def train_step(state: TrainingState, batch: PairBatch, config: SAMTrainConfig) -> run.LossTerms:
     """One SGD step on one batch (autocast + loss scaling on CUDA); returns the loss terms."""
     for group in state.optimizer.param_groups:
         group["lr"] = learning_rate(config, state.iteration)
@@ -397,7 +388,7 @@ def train_step(state: TrainingState, batch: PairBatch, config: SAMTrainConfig) -
         position = position_loss(state.probe, global_, batch, config.loss.position_samples)
         terms.total = terms.total + config.loss.position_weight * position
     terms.parts["position"] = position
-    optimizer_step(state, terms, "SAM", "Lower --lr or lengthen the warm-up.")
+    run.optimizer_step(state, terms, "SAM", "Lower --lr or lengthen the warm-up.")
     return terms
 
 
@@ -408,7 +399,7 @@ def _train_loop(
     paths: Sequence[Path],
     output_dir: Path,
     workers: int,
-    progress: Progress | None,
+    progress: run.Progress | None,
 ) -> None:
     # The loader gets its own generator: drawing its seed from the global one would shift the
     # global random stream at every (re)start and break exact resumption.
@@ -419,27 +410,20 @@ def _train_loop(
         num_workers=workers,
         generator=torch.Generator().manual_seed(config.seed),
     )
-    with open(output_dir / LOG_FILE, "a", buffering=1) as log_file:  # line by line, to follow
-        steps = StepLog(
-            log_file,
-            config.iterations,
-            config.checkpoint_every,
-            config.keep_checkpoints,
-            progress,
-            lambda path: save_training_checkpoint(state, config, paths, path),
-        )
+    save = partial(save_training_checkpoint, state, config, paths)
+    with run.StepLog(
+        state, output_dir, LOG_HEADER, config.iterations, config, progress, save
+    ) as steps:
         for batch in loader:
             terms = train_step(state, batch, config)
-            steps.record(
-                state.iteration, terms, f"{learning_rate(config, state.iteration - 1):.6g}"
-            )
+            steps.record(terms, f"{learning_rate(config, state.iteration - 1):.6g}")
 
 
 def train_sam(
     scans: Sequence[str | os.PathLike[str]],
     output_dir: str | os.PathLike[str],
     config: SAMTrainConfig | None = None,
-    progress: Progress | None = None,
+    progress: run.Progress | None = None,
     resume: bool = False,
 ) -> Path:
     """Train SAM on ``scans`` (files, checked before any work) and return the final weights file.
@@ -455,7 +439,7 @@ def train_sam(
     pair_files = load_pair_maps(config.pair_maps, paths) if config.pair_maps is not None else []
     output_dir = Path(output_dir)
     device = resolve_device(config.device)
-    existing = existing_checkpoints(output_dir, resume)
+    existing = run.existing_checkpoints(output_dir, resume)
     state = new_training_state(config, device)  # refuses unusable initial weights
     output_dir.mkdir(parents=True, exist_ok=True)
     log.info("Training SAM on %d scans on %s; outputs in %s", len(paths), device, output_dir)
@@ -479,8 +463,7 @@ def train_sam(
     record: dict[str, Any] = {"config": config.to_dict(), "scans": [str(p) for p in paths]}
     if config.init_weights is not None:
         record["init_weights_sha256"] = file_sha256(Path(config.init_weights))
-    (output_dir / CONFIG_FILE).write_text(json.dumps(record, indent=2))
-    prepare_log(output_dir / LOG_FILE, LOG_HEADER, state.iteration)
+    (output_dir / run.CONFIG_FILE).write_text(json.dumps(record, indent=2))
 
     workers = config.workers if config.workers is not None else (4 if device.type == "cuda" else 0)
     dataset: CropPairDataset | CrossPatientDataset
@@ -498,11 +481,11 @@ def train_sam(
             config.seed,
             config.cross_patient_share,
             config.cross_patient_min_similarity,
-            output_dir / CACHE_DIR,
+            output_dir / run.CACHE_DIR,
         )
     else:
         dataset = CropPairDataset(
-            paths, config.crops, config.batch, config.seed, output_dir / CACHE_DIR
+            paths, config.crops, config.batch, config.seed, output_dir / run.CACHE_DIR
         )
     try:
         _train_loop(state, config, dataset, paths, output_dir, workers, progress)
