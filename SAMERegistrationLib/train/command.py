@@ -8,6 +8,7 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 from functools import partial
+from operator import attrgetter
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +37,8 @@ def add_input_arguments(
     )
 
 
-#: An option that sets one config field: flag, field, type, choices (or None), help.
+#: An option that sets one config field: flag, field (``section.name`` for a field of a nested
+#: config), type, choices (or None), help.
 Setting = tuple[str, str, type, Sequence[str] | None, str]
 
 
@@ -48,14 +50,22 @@ def add_settings(
     """One option per setting, defaulting to the field's value in ``defaults``."""
     for flag, name, kind, choices, text in settings:
         parser.add_argument(
-            flag, dest=name, type=kind, choices=choices, default=getattr(defaults, name),
-            help=text, metavar=None if choices else name.upper(),
+            flag, dest=name, type=kind, choices=choices, default=attrgetter(name)(defaults),
+            help=text, metavar=None if choices else name.rpartition(".")[2].upper(),
         )  # fmt: skip
 
 
-def setting_values(args: argparse.Namespace, settings: Sequence[Setting]) -> dict[str, Any]:
-    """The fields the ``settings`` options set, by field name."""
-    return {name: getattr(args, name) for _, name, *_ in settings}
+def setting_values(
+    args: argparse.Namespace, settings: Sequence[Setting], section: str = ""
+) -> dict[str, Any]:
+    """The values of the fields the ``settings`` options set, by field name: the top-level
+    fields, or those of the nested config ``section``."""
+    values = {}
+    for _, name, *_ in settings:
+        owner, _, field = name.rpartition(".")
+        if owner == section:
+            values[field] = getattr(args, name)
+    return values
 
 
 def run_settings(args: argparse.Namespace) -> dict[str, Any]:

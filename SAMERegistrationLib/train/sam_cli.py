@@ -12,28 +12,26 @@ from .sam_losses import LossConfig
 from .sam_trainer import LR_SCHEDULES, OPTIMIZERS, SAMTrainConfig, collect_scans, train_sam
 
 _DEFAULTS = SAMTrainConfig()
-# Options that set one SAMTrainConfig field each: flag, field, type, choices, help.
+# Options that set one SAMTrainConfig field each ("loss." ones its LossConfig): flag, field,
+# type, choices, help.
 _SETTINGS = [
     ("--iterations", "iterations", int, None, "default %(default)s"),
     ("--batch", "batch", int, None,
      "crop pairs per iteration, from different scans (default %(default)s)"),
-    ("--lr", "lr", float, None, "default %(default)s"),
     ("--optimizer", "optimizer", str, OPTIMIZERS,
      "sgd (momentum 0.9, as in SAM) or adam, which learns faster in short runs "
      "(default %(default)s)"),
+    ("--lr", "lr", float, None, "default %(default)s"),
     ("--lr-schedule", "lr_schedule", str, LR_SCHEDULES,
      "after the warm-up: constant (as in SAM) or a cosine decay to 0 at the last iteration "
      "(default %(default)s)"),
     ("--warmup", "warmup_iterations", int, None,
      "iterations of linear learning-rate warm-up (default %(default)s)"),
     ("--workers", "workers", int, None, "data loading processes (default: 4 on CUDA, 0 on the CPU)"),
-]  # fmt: skip
-# The same for LossConfig fields.
-_LOSS_SETTINGS = [
-    ("--local-ignore-mm", "local_ignore_mm", float, None,
+    ("--local-ignore-mm", "loss.local_ignore_mm", float, None,
      "voxels this close to a local query are never its negatives; larger values stop the loss "
      "from separating neighbours, e.g. 20 (default %(default)s)"),
-    ("--position-weight", "position_weight", float, None,
+    ("--position-weight", "loss.position_weight", float, None,
      "weight of a relative-position objective: a linear probe, dropped after training, predicts "
      "the mm offset between two global voxels of a pair's views from their embeddings "
      "(default %(default)s: off)"),
@@ -44,14 +42,12 @@ _CROSS_SETTINGS = [
     ("--cross-patient-min-similarity", "cross_patient_min_similarity", float, None,
      "the local loss of cross-patient pairs uses only points where the map's local normalised "
      "cross-correlation reaches this (default %(default)s)"),
-]  # fmt: skip
-_CROSS_LOSS_SETTINGS = [
-    ("--cross-local-weight", "cross_local_weight", float, None,
+    ("--cross-local-weight", "loss.cross_local_weight", float, None,
      "weight of the local loss on cross-patient pairs; 0 trains only the global embedding across "
      "patients (default %(default)s)"),
-    ("--cross-local-positive-mm", "cross_local_positive_mm", float, None,
+    ("--cross-local-positive-mm", "loss.cross_local_positive_mm", float, None,
      "a cross-patient local query's partner must lie this close (default %(default)s)"),
-    ("--cross-local-ignore-mm", "cross_local_ignore_mm", float, None,
+    ("--cross-local-ignore-mm", "loss.cross_local_ignore_mm", float, None,
      "voxels this close to a cross-patient local query are never its negatives "
      "(default %(default)s)"),
 ]  # fmt: skip
@@ -69,7 +65,6 @@ def build_parser() -> argparse.ArgumentParser:
     command.add_settings(parser, _SETTINGS, _DEFAULTS)
     _add_network_arguments(parser)
     _add_crop_arguments(parser)
-    command.add_settings(parser, _LOSS_SETTINGS, _DEFAULTS.loss)
     group = parser.add_argument_group(
         "cross-patient pairs", "crop pairs of two patients through maps cached by sam-pair-maps"
     )
@@ -81,7 +76,6 @@ def build_parser() -> argparse.ArgumentParser:
         "enables cross-patient pairs (default: same-scan pairs only)",
     )
     command.add_settings(group, _CROSS_SETTINGS, _DEFAULTS)
-    command.add_settings(group, _CROSS_LOSS_SETTINGS, _DEFAULTS.loss)
     command.add_run_arguments(parser, _DEFAULTS)
     return parser
 
@@ -173,7 +167,7 @@ def _train(args: argparse.Namespace, bars: command.Bars | None) -> Path:
         init_weights=init,
         pair_maps=str(args.pair_maps) if args.pair_maps is not None else None,
         crops=crops,
-        loss=LossConfig(**command.setting_values(args, _LOSS_SETTINGS + _CROSS_LOSS_SETTINGS)),
+        loss=LossConfig(**command.setting_values(args, _SETTINGS + _CROSS_SETTINGS, "loss")),
     )
     scans = collect_scans(args.scans, args.exclude_pattern)
     return train_sam(
