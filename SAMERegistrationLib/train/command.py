@@ -16,10 +16,12 @@ from ..errors import SameRegistrationError
 from .checkpoints import list_checkpoints
 
 
-def add_input_arguments(
-    parser: argparse.ArgumentParser, output_help: str = "output folder"
-) -> None:
-    """The scans (files or folders), -o/--output and --exclude-pattern."""
+def new_parser(
+    command: str, description: str, output_help: str = "output folder"
+) -> argparse.ArgumentParser:
+    """The parser of ``same-register <command>`` with the scans (files or folders), -o/--output and
+    --exclude-pattern."""
+    parser = argparse.ArgumentParser(prog=f"same-register {command}", description=description)
     parser.add_argument(
         "scans",
         nargs="+",
@@ -35,6 +37,7 @@ def add_input_arguments(
         help="leave out files whose name or path matches this shell pattern, e.g. "
         "'validation_*' or '*_label*' (repeatable; default: none)",
     )
+    return parser
 
 
 #: An option that sets one config field: flag, field (``section.name`` for a field of a nested

@@ -37,14 +37,13 @@ _SETTINGS = [
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="same-register train-deform",
-        description="Train the SAM-deform network on pairs of CT scans, each pre-aligned by the "
-        "affine and coarse stages (cached in OUTPUT/cache). Do not train on scans you evaluate on: "
-        "for OpenKBP, leave validation_* and the label maps out, e.g. with --exclude-pattern "
-        "'validation_*' --exclude-pattern '*_label*'.",
+    parser = command.new_parser(
+        "train-deform",
+        """Train the SAM-deform network on pairs of CT scans, each pre-aligned by the affine and
+        coarse stages (cached in OUTPUT/cache). Do not train on scans you evaluate on: for OpenKBP,
+        leave validation_* and the label maps out, e.g. with --exclude-pattern 'validation_*'
+        --exclude-pattern '*_label*'.""",
     )
-    command.add_input_arguments(parser)
     command.add_settings(parser, _SETTINGS, _DEFAULTS)
     parser.add_argument(
         "--no-correlation",

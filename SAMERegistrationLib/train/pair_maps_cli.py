@@ -6,20 +6,20 @@ import argparse
 import sys
 from pathlib import Path
 
-from .command import Bars, add_input_arguments, add_progress_argument, phase, run_command
+from .command import Bars, add_progress_argument, new_parser, phase, run_command
 from .pair_maps import DEFAULT_REGISTRATION, build_pair_maps
 from .sam_trainer import check_scan_files, collect_scans
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="same-register sam-pair-maps",
-        description="Register seeded pairs of training CT scans (MIND features, affine + coarse) "
-        "and cache each pair's map, one file per pair, for 'train-sam --pair-maps'. Never give "
-        "evaluation scans: for OpenKBP use --exclude-pattern 'validation_*'. An interrupted build "
-        "continues when run again with the same arguments.",
+    parser = new_parser(
+        "sam-pair-maps",
+        """Register seeded pairs of training CT scans (MIND features, affine + coarse) and cache
+        each pair's map, one file per pair, for 'train-sam --pair-maps'. Never give evaluation
+        scans: for OpenKBP use --exclude-pattern 'validation_*'. An interrupted build continues
+        when run again with the same arguments.""",
+        output_help="cache folder",
     )
-    add_input_arguments(parser, "cache folder")
     parser.add_argument("--pairs", type=int, default=40, help="pairs to register (default 40)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the pairs (default 0)")
     parser.add_argument(

@@ -16,52 +16,46 @@ _DEFAULTS = SAMTrainConfig()
 # type, choices, help.
 _SETTINGS = [
     ("--iterations", "iterations", int, None, "default %(default)s"),
-    ("--batch", "batch", int, None,
-     "crop pairs per iteration, from different scans (default %(default)s)"),
-    ("--optimizer", "optimizer", str, OPTIMIZERS,
-     "sgd (momentum 0.9, as in SAM) or adam, which learns faster in short runs "
-     "(default %(default)s)"),
+    ("--batch", "batch", int, None, """crop pairs per iteration, from different scans
+     (default %(default)s)"""),
+    ("--optimizer", "optimizer", str, OPTIMIZERS, """sgd (momentum 0.9, as in SAM) or adam,
+     which learns faster in short runs (default %(default)s)"""),
     ("--lr", "lr", float, None, "default %(default)s"),
-    ("--lr-schedule", "lr_schedule", str, LR_SCHEDULES,
-     "after the warm-up: constant (as in SAM) or a cosine decay to 0 at the last iteration "
-     "(default %(default)s)"),
-    ("--warmup", "warmup_iterations", int, None,
-     "iterations of linear learning-rate warm-up (default %(default)s)"),
+    ("--lr-schedule", "lr_schedule", str, LR_SCHEDULES, """after the warm-up: constant (as in
+     SAM) or a cosine decay to 0 at the last iteration (default %(default)s)"""),
+    ("--warmup", "warmup_iterations", int, None, """iterations of linear learning-rate warm-up
+     (default %(default)s)"""),
     ("--workers", "workers", int, None, "data loading processes (default: 4 on CUDA, 0 on the CPU)"),
-    ("--local-ignore-mm", "loss.local_ignore_mm", float, None,
-     "voxels this close to a local query are never its negatives; larger values stop the loss "
-     "from separating neighbours, e.g. 20 (default %(default)s)"),
-    ("--position-weight", "loss.position_weight", float, None,
-     "weight of a relative-position objective: a linear probe, dropped after training, predicts "
-     "the mm offset between two global voxels of a pair's views from their embeddings "
-     "(default %(default)s: off)"),
+    ("--local-ignore-mm", "loss.local_ignore_mm", float, None, """voxels this close to a local
+     query are never its negatives; larger values stop the loss from separating neighbours,
+     e.g. 20 (default %(default)s)"""),
+    ("--position-weight", "loss.position_weight", float, None, """weight of a relative-position
+     objective: a linear probe, dropped after training, predicts the mm offset between two global
+     voxels of a pair's views from their embeddings (default %(default)s: off)"""),
 ]  # fmt: skip
 _CROSS_SETTINGS = [
-    ("--cross-patient-share", "cross_patient_share", float, None,
-     "with --pair-maps: chance that a crop pair spans two patients (default %(default)s)"),
-    ("--cross-patient-min-similarity", "cross_patient_min_similarity", float, None,
-     "the local loss of cross-patient pairs uses only points where the map's local normalised "
-     "cross-correlation reaches this (default %(default)s)"),
-    ("--cross-local-weight", "loss.cross_local_weight", float, None,
-     "weight of the local loss on cross-patient pairs; 0 trains only the global embedding across "
-     "patients (default %(default)s)"),
-    ("--cross-local-positive-mm", "loss.cross_local_positive_mm", float, None,
-     "a cross-patient local query's partner must lie this close (default %(default)s)"),
-    ("--cross-local-ignore-mm", "loss.cross_local_ignore_mm", float, None,
-     "voxels this close to a cross-patient local query are never its negatives "
-     "(default %(default)s)"),
+    ("--cross-patient-share", "cross_patient_share", float, None, """with --pair-maps: chance
+     that a crop pair spans two patients (default %(default)s)"""),
+    ("--cross-patient-min-similarity", "cross_patient_min_similarity", float, None, """the local
+     loss of cross-patient pairs uses only points where the map's local normalised
+     cross-correlation reaches this (default %(default)s)"""),
+    ("--cross-local-weight", "loss.cross_local_weight", float, None, """weight of the local loss
+     on cross-patient pairs; 0 trains only the global embedding across patients
+     (default %(default)s)"""),
+    ("--cross-local-positive-mm", "loss.cross_local_positive_mm", float, None, """a cross-patient
+     local query's partner must lie this close (default %(default)s)"""),
+    ("--cross-local-ignore-mm", "loss.cross_local_ignore_mm", float, None, """voxels this close
+     to a cross-patient local query are never its negatives (default %(default)s)"""),
 ]  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="same-register train-sam",
-        description="Train the SAM network self-supervised on unlabelled CT scans (contrastive "
-        "learning on overlapping crops of each scan). Do not train on scans you evaluate on: for "
-        "OpenKBP, train on train_* and leave validation_* out, e.g. with "
-        "--exclude-pattern 'validation_*'.",
+    parser = command.new_parser(
+        "train-sam",
+        """Train the SAM network self-supervised on unlabelled CT scans (contrastive learning on
+        overlapping crops of each scan). Do not train on scans you evaluate on: for OpenKBP, train
+        on train_* and leave validation_* out, e.g. with --exclude-pattern 'validation_*'.""",
     )
-    command.add_input_arguments(parser)
     command.add_settings(parser, _SETTINGS, _DEFAULTS)
     _add_network_arguments(parser)
     _add_crop_arguments(parser)
