@@ -4,8 +4,7 @@ The public names are imported on first use, so that light modules (``mrml``, ``c
 without PyTorch, for example inside 3D Slicer's own process.
 """
 
-from importlib import import_module
-from typing import Any
+from .lazy import lazy_attributes
 
 __version__ = "0.1.0"
 __all__ = [
@@ -16,16 +15,13 @@ __all__ = [
     "register",
 ]
 
-_WHERE = {
-    "Alignment": ".alignment",
-    "RegistrationConfig": ".config",
-    "RegistrationResult": ".result",
-    "SameRegistrationError": ".errors",
-    "register": ".pipeline",
-}
-
-
-def __getattr__(name: str) -> Any:
-    if name in _WHERE:
-        return getattr(import_module(_WHERE[name], __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_attributes(
+    __name__,
+    {
+        "Alignment": ".alignment",
+        "RegistrationConfig": ".config",
+        "RegistrationResult": ".result",
+        "SameRegistrationError": ".errors",
+        "register": ".pipeline",
+    },
+)

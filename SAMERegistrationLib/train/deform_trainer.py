@@ -35,14 +35,13 @@ from ..deform_net.field import VARIANTS, displacement
 from ..deform_net.inputs import DeformInputs
 from ..deform_net.network import DeformNetwork
 from ..device import resolve_device
-from ..errors import CheckpointError, ConfigError, DeviceError, InputError
+from ..errors import CheckpointError, ConfigError, InputError
 from ..features.base import FeatureMaps
 from ..shipped import file_sha256
 from . import run
 from .checkpoints import (
     check_same_settings,
     read_checkpoint,
-    restore,
     training_payload,
 )
 from .deform_cache import PairCache, TrainingPair
@@ -397,8 +396,9 @@ def train_deform(
     scans: Sequence[str | os.PathLike[str]],
     output_dir: str | os.PathLike[str],
     config: DeformTrainConfig | None = None,
-    progress: run.Progress | None = None,
+    *,
     resume: bool = False,
+    progress: run.Progress | None = None,
     prepare_progress: Callable[[int, int], None] | None = None,
 ) -> Path:
     """Train SAM-deform on pairs of ``scans`` and return the final weights file.
@@ -444,20 +444,11 @@ def train_deform(
         )
     state = new_training_state(config, device)
     state.sam_sha256 = sam_sha
-    if payload is not None:
-        restore(state, payload, existing[-1][1])
-        log.info(
-            "Resuming SAM-deform training from %s (iteration %d)", existing[-1][1], state.iteration
-        )
-    elif resume:
-        log.warning("No checkpoint in %s: starting a new SAM-deform training run.", output_dir)
-    try:
+    path = existing[-1][1] if existing else None
+    run.restore_or_start(state, payload, path, resume, output_dir, "SAM-deform")
+    remedy = "Use a coarser --spacing, then continue with --resume."
+    with run.memory_advice(device, "SAM-deform", remedy):
         _train_loop(state, config, cache, pairs, usable, output_dir, progress)
-    except torch.OutOfMemoryError as err:
-        raise DeviceError(
-            f"The {device.type.upper()} ran out of memory during SAM-deform training. Use a "
-            "coarser --spacing, then continue with --resume."
-        ) from err
     final = output_dir / FINAL_WEIGHTS
     save_deform_weights(state.model, final, _weights_meta(config, state))
     return final

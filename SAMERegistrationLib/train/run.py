@@ -3,22 +3,27 @@ step, the per-iteration log with its checkpoint cadence, and the output folder's
 
 from __future__ import annotations
 
+import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..errors import ConfigError, OutputError
+from ..errors import ConfigError, DeviceError, OutputError
 from .checkpoints import (
     TrainingState,
     checkpoint_path,
     list_checkpoints,
     prepare_log,
     remove_old_checkpoints,
+    restore,
 )
+
+log = logging.getLogger(__name__)
 
 LOG_FILE = "train_log.tsv"
 CACHE_DIR = "cache"
@@ -45,6 +50,34 @@ def existing_checkpoints(output_dir: Path, resume: bool) -> list[tuple[int, Path
             f"{existing[-1][1].name}). Resume it with --resume, or choose another output folder."
         )
     return existing
+
+
+def restore_or_start(
+    state: TrainingState,
+    payload: dict[str, Any] | None,
+    path: Path | None,
+    resume: bool,
+    output_dir: Path,
+    what: str,
+) -> None:
+    """Put the checkpoint ``payload`` read from ``path`` into ``state``; without one, say that a
+    resumed ``what`` run starts afresh."""
+    if payload is not None:
+        restore(state, payload, path)
+        log.info("Resuming %s training from %s (iteration %d)", what, path, state.iteration)
+    elif resume:
+        log.warning("No checkpoint in %s: starting a new %s training run.", output_dir, what)
+
+
+@contextmanager
+def memory_advice(device: torch.device, what: str, remedy: str) -> Iterator[None]:
+    """Turn running out of device memory during ``what`` training into a DeviceError."""
+    try:
+        yield
+    except torch.OutOfMemoryError as err:
+        raise DeviceError(
+            f"The {device.type.upper()} ran out of memory during {what} training. {remedy}"
+        ) from err
 
 
 def optimizer_step(state: TrainingState, terms: LossTerms, what: str, remedy: str) -> None:

@@ -29,7 +29,7 @@ import torch
 
 from ..checkpoint_io import write_checkpoint
 from ..device import resolve_device
-from ..errors import ConfigError, DeviceError, InputError
+from ..errors import ConfigError, InputError
 from ..features.sam_network import (
     GLOBAL_STRIDE,
     SAMNetwork,
@@ -41,7 +41,6 @@ from . import run
 from .checkpoints import (
     check_same_settings,
     read_checkpoint,
-    restore,
     training_payload,
 )
 from .crops import CropConfig, CropPairDataset, PairBatch
@@ -450,16 +449,13 @@ def train_sam(
             config.batch,
             len(paths),
         )
-    if existing:
-        path = existing[-1][1]
-        payload = load_training_checkpoint(path)
+    path = existing[-1][1] if existing else None
+    payload = load_training_checkpoint(path) if path is not None else None
+    if payload is not None:
         _check_same_run(payload, config, paths, path)
-        restore(state, payload, path)
-        if state.probe is not None:
-            state.probe.load_state_dict(payload["probe"])
-        log.info("Resuming SAM training from %s (iteration %d)", path, state.iteration)
-    elif resume:
-        log.warning("No checkpoint in %s: starting a new SAM training run.", output_dir)
+    run.restore_or_start(state, payload, path, resume, output_dir, "SAM")
+    if payload is not None and state.probe is not None:
+        state.probe.load_state_dict(payload["probe"])
     record: dict[str, Any] = {"config": config.to_dict(), "scans": [str(p) for p in paths]}
     if config.init_weights is not None:
         record["init_weights_sha256"] = file_sha256(Path(config.init_weights))
@@ -487,13 +483,9 @@ def train_sam(
         dataset = CropPairDataset(
             paths, config.crops, config.batch, config.seed, output_dir / run.CACHE_DIR
         )
-    try:
+    remedy = "Lower --batch, --patch or --width, then continue with --resume."
+    with run.memory_advice(device, "SAM", remedy):
         _train_loop(state, config, dataset, paths, output_dir, workers, progress)
-    except torch.OutOfMemoryError as err:
-        raise DeviceError(
-            f"The {device.type.upper()} ran out of memory during SAM training. Lower --batch, "
-            "--patch or --width, then continue with --resume."
-        ) from err
     final = output_dir / FINAL_WEIGHTS
     meta = {
         "iterations": state.iteration,
