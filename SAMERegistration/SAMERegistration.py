@@ -189,8 +189,7 @@ class SAMERegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         ScriptedLoadableModuleWidget.__init__(self, parent)
         VTKObservationMixin.__init__(self)
         self.logic = None
-        self._parameterNode = None
-        self._parameterNodeGuiTag = None
+        self._parameterNode = self._parameterNodeGuiTag = None  # the node and its GUI binding
         self._timer = None
         self._queryNode = None
         self._placement = None

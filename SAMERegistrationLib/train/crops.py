@@ -189,22 +189,25 @@ class CropPairDataset(torch.utils.data.Dataset):
         self.cache_dir = cache_dir
 
     def __getitem__(self, iteration: int) -> PairBatch:
-        rng = np.random.default_rng([self.seed, iteration])
-        chosen = rng.choice(len(self.paths), self.pairs, replace=self.pairs > len(self.paths))
+        rng, chosen = self._draw(iteration)
         views, names = [], []
         for index in chosen:
             scan = load_scan(self.paths[index], self.cache_dir)
-            for geometry in draw_pair_geometry(rng, scan, self.config):
-                views.append(
-                    render_view(
-                        scan,
-                        geometry,
-                        rng,
-                        self.config.noise_std,
-                        self.config.intensity_scale,
-                        self.config.intensity_shift_hu,
-                        self.config.body_only,
-                    )
-                )
+            views += self._scan_views(scan, rng)
             names.append(scan.name)
         return collate_views(views, names)
+
+    def _draw(self, iteration: int) -> tuple[np.random.Generator, np.ndarray]:
+        """The generator of iteration ``iteration`` and the indices of its ``pairs`` scans."""
+        rng = np.random.default_rng([self.seed, iteration])
+        return rng, rng.choice(len(self.paths), self.pairs, replace=self.pairs > len(self.paths))
+
+    def _scan_views(self, scan: Scan, rng: np.random.Generator) -> list[View]:
+        """Two overlapping views of one scan."""
+        return [self._render(scan, g, rng) for g in draw_pair_geometry(rng, scan, self.config)]
+
+    def _render(self, scan: Scan, geometry: ViewGeometry, rng: np.random.Generator) -> View:
+        c = self.config
+        return render_view(
+            scan, geometry, rng, c.noise_std, c.intensity_scale, c.intensity_shift_hu, c.body_only
+        )

@@ -17,12 +17,12 @@ from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
-import torch
 
 from ..grid import Grid
 from ..working import AIR_HU
 from .crops import (
     CropConfig,
+    CropPairDataset,
     PairBatch,
     Scan,
     View,
@@ -30,7 +30,6 @@ from .crops import (
     collate_views,
     draw_pair_geometry,
     load_scan,
-    render_view,
     sam_view_intensity,
 )
 from .pair_maps import PairMap, read_map, sample_on_grid
@@ -72,7 +71,7 @@ def render_through_map(
     return View(image, geometry.axes_mm(), valid, reliable)
 
 
-class CrossPatientDataset(torch.utils.data.Dataset):
+class CrossPatientDataset(CropPairDataset):
     """Like ``CropPairDataset`` (item ``i`` is the batch of iteration ``i``, seeded by (seed, i)),
     but each pair is, with probability ``share``, a cross-patient pair through a random cached map.
     """
@@ -88,18 +87,13 @@ class CrossPatientDataset(torch.utils.data.Dataset):
         min_similarity: float,
         cache_dir: str | os.PathLike[str] | None,
     ) -> None:
-        self.paths = [Path(p) for p in paths]
+        super().__init__(paths, config, pairs, seed, cache_dir)
         self.pair_files = list(pair_files)
-        self.config = config
-        self.pairs = pairs
-        self.seed = seed
         self.share = share
         self.min_similarity = min_similarity
-        self.cache_dir = cache_dir
 
     def __getitem__(self, iteration: int) -> PairBatch:
-        rng = np.random.default_rng([self.seed, iteration])
-        chosen = rng.choice(len(self.paths), self.pairs, replace=self.pairs > len(self.paths))
+        rng, chosen = self._draw(iteration)
         views: list[View] = []
         names, cross = [], []
         for index in chosen:
@@ -118,20 +112,7 @@ class CrossPatientDataset(torch.utils.data.Dataset):
                 cross.append(True)
                 continue
             scan = load_scan(self.paths[index], self.cache_dir)
-            for geometry in draw_pair_geometry(rng, scan, self.config):
-                views.append(self._render(scan, geometry, rng))
+            views += self._scan_views(scan, rng)
             names.append(scan.name)
             cross.append(False)
         return collate_views(views, names, cross)
-
-    def _render(self, scan: Scan, geometry: ViewGeometry, rng: np.random.Generator) -> View:
-        c = self.config
-        return render_view(
-            scan,
-            geometry,
-            rng,
-            c.noise_std,
-            c.intensity_scale,
-            c.intensity_shift_hu,
-            c.body_only,
-        )
