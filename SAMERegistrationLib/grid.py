@@ -156,15 +156,21 @@ def axis_aligned_grid_covering(points: np.ndarray, spacing: float) -> Grid:
     return Grid(tuple(size_xyz[::-1]), (spacing,) * 3, tuple(lo), np.eye(3))
 
 
-def slabs(grid: Grid, voxels: int = SLAB_VOXELS) -> Iterator[tuple[int, int, np.ndarray]]:
+def slabs(
+    grid: Grid, voxels: int = SLAB_VOXELS, halo: int = 0
+) -> Iterator[tuple[int, int, np.ndarray]]:
     """The voxel centres of ``grid`` in slabs of whole z-slices, so that memory stays bounded.
 
     Yields (z0, z1, points): points are the (N, 3) LPS mm centres of slices z0..z1-1 in array
-    order (z, y, x), as ``reshape(z1 - z0, H, W, 3)`` restores them.
+    order (z, y, x), as ``reshape(-1, H, W, 3)`` restores them. With ``halo``, they also cover up
+    to ``halo`` neighbouring slices on each side (those inside the grid, so they start at slice
+    max(z0 - halo, 0)), e.g. for gradients that are whole at the slab's faces.
     """
+    depth = grid.shape[0]
     rows = max(1, voxels // (grid.shape[1] * grid.shape[2]))
     y, x = np.meshgrid(np.arange(grid.shape[1]), np.arange(grid.shape[2]), indexing="ij")
-    for z0 in range(0, grid.shape[0], rows):
-        z = np.arange(z0, min(z0 + rows, grid.shape[0]))
+    for z0 in range(0, depth, rows):
+        z1 = min(z0 + rows, depth)
+        z = np.arange(max(z0 - halo, 0), min(z1 + halo, depth))
         idx = np.stack(np.broadcast_arrays(x[None], y[None], z[:, None, None]), axis=-1)
-        yield z0, z0 + len(z), grid.index_to_physical(idx.reshape(-1, 3))
+        yield z0, z1, grid.index_to_physical(idx.reshape(-1, 3))

@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 import SimpleITK as sitk
 
-from .grid import Grid
+from .grid import Grid, slabs
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])  # its own inverse: RAS <-> LPS
 FLIP = LPS_TO_RAS[:3, :3]
@@ -267,22 +267,16 @@ def displacement_qa_image(transform_node, reference, kind: str = "magnitude") ->
     if kind not in ("magnitude", "jacobian"):
         raise ValueError(f"kind must be 'magnitude' or 'jacobian', not '{kind}'.")
     grid = grid_from_volume_node(reference)
-    ijk_to_ras = LPS_TO_RAS @ grid.index_to_physical_matrix()
-    to_index = np.linalg.inv(ijk_to_ras[:3, :3]).astype(np.float32)
-    depth = grid.shape[0]
+    to_index = np.linalg.inv(FLIP @ grid.index_to_physical_matrix()[:3, :3]).astype(np.float32)
     values = np.empty(grid.shape, dtype=np.float32)
-    rows = max(1, SLAB_VOXELS // (grid.shape[1] * grid.shape[2]))
-    y, x = np.meshgrid(np.arange(grid.shape[1]), np.arange(grid.shape[2]), indexing="ij")
-    for z0 in range(0, depth, rows):
-        z1 = min(z0 + rows, depth)
-        # One slice of halo on each side, so the gradient at the slab's faces is the whole one's.
-        lo, hi = (z0, z1) if kind == "magnitude" else (max(z0 - 1, 0), min(z1 + 1, depth))
-        z = np.arange(lo, hi)
-        index = np.stack(np.broadcast_arrays(x[None], y[None], z[:, None, None]), axis=-1)
-        points = index.reshape(-1, 3) @ ijk_to_ras[:3, :3].T + ijk_to_ras[:3, 3]
+    # One slice of halo on each side, so the gradient at the slab's faces is the whole one's.
+    halo = 0 if kind == "magnitude" else 1
+    for z0, z1, points_lps in slabs(grid, SLAB_VOXELS, halo):
+        points = points_lps * np.diag(FLIP)  # RAS
         moved = map_points_through(transform_node, points)
-        displacement = (moved - points).astype(np.float32).reshape(len(z), *x.shape, 3)
-        inner = slice(z0 - lo, z0 - lo + (z1 - z0))
+        displacement = (moved - points).astype(np.float32).reshape(-1, *grid.shape[1:], 3)
+        first = min(z0, halo)  # the slab's first slice among the points
+        inner = slice(first, first + z1 - z0)
         if kind == "magnitude":
             values[z0:z1] = np.linalg.norm(displacement, axis=-1)
             continue

@@ -89,6 +89,14 @@ def test_slabs_visit_every_voxel_once_in_array_order() -> None:
     np.testing.assert_allclose(points.reshape(*GRID.shape, 3), GRID.voxel_centres())
 
 
+def test_slabs_with_a_halo_add_the_neighbouring_slices_inside_the_grid() -> None:
+    centres = GRID.voxel_centres()
+    pieces = list(slabs(GRID, voxels=GRID.shape[1] * GRID.shape[2] * 5, halo=1))
+    assert [(a, b) for a, b, _ in pieces] == [(0, 5), (5, 10), (10, 12)]
+    for (_, _, points), (lo, hi) in zip(pieces, [(0, 6), (4, 11), (9, 12)]):
+        np.testing.assert_allclose(points.reshape(-1, *GRID.shape[1:], 3), centres[lo:hi])
+
+
 @pytest.mark.parametrize("determinant_sign", [1.0, -1.0])
 def test_folding_counts_the_affine_orientation(determinant_sign) -> None:
     affine = np.diag([determinant_sign, 1.0, 1.0, 1.0])
