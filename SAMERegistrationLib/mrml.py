@@ -109,12 +109,6 @@ def grid_transform_from_array(displacement_lps: np.ndarray, grid: Grid):
     return transform
 
 
-def set_displacement(node, displacement_lps: np.ndarray, grid: Grid) -> None:
-    """Store a dense displacement (see grid_transform_from_array) in a grid transform node as
-    FromParent = identity + u."""
-    node.SetAndObserveTransformFromParent(grid_transform_from_array(displacement_lps, grid))
-
-
 def read_affine(path) -> np.ndarray:
     """The 4x4 fixed -> moving matrix (LPS) of the library's affine.tfm."""
     return affine_from_sitk(sitk.ReadTransform(str(path)))
@@ -151,27 +145,6 @@ def affine_from_sitk(transform: sitk.Transform) -> np.ndarray:
     out[:3, :3] = matrix
     out[:3, 3] = np.array(affine.GetTranslation()) + centre - matrix @ centre
     return out
-
-
-def transform_parts_from_result(result) -> tuple[np.ndarray, np.ndarray, Grid]:
-    """Affine (LPS), dense part (z, y, x, 3; LPS mm) and its grid, from a RegistrationResult."""
-    return result.affine, np.moveaxis(result.dense, 0, -1), result.working_grid
-
-
-def transform_parts_from_files(
-    affine_path, deformable_path=None
-) -> tuple[np.ndarray, np.ndarray | None, Grid | None]:
-    """The same from the library's output files: affine.tfm and, for a deformable run, the
-    deformable part alone on the fixed grid (deformable.*)."""
-    affine = read_affine(affine_path)
-    if deformable_path is None:
-        return affine, None, None
-    if str(deformable_path).endswith(".h5"):
-        transform = sitk.DisplacementFieldTransform(sitk.ReadTransform(str(deformable_path)))
-        image = transform.GetDisplacementField()
-    else:
-        image = sitk.ReadImage(str(deformable_path))
-    return affine, sitk.GetArrayFromImage(image).astype(np.float32), Grid.from_sitk(image)
 
 
 def set_registration(linear, affine_lps: np.ndarray, grid_node=None, deformable=None) -> None:

@@ -83,7 +83,7 @@ def test_grid_transform_holds_displacement_in_ras_on_an_oblique_grid(scene):
     field = np.zeros((*grid.shape, 3))
     field[...] = (5.0, -2.0, 1.5)  # LPS mm, constant
     node = scene.AddNewNodeByClass("vtkMRMLGridTransformNode")
-    mrml.set_displacement(node, field, grid)
+    node.SetAndObserveTransformFromParent(mrml.grid_transform_from_array(field, grid))
     centre = grid.index_to_physical(np.array([[3.0, 3.0, 2.5]]))
     mapped = mrml.map_points_through(node, centre @ mrml.FLIP) @ mrml.FLIP
     np.testing.assert_allclose(mapped, centre + (5.0, -2.0, 1.5), atol=1e-6)
@@ -128,13 +128,27 @@ def synthetic_result():
     )  # fmt: skip
 
 
+def transform_parts_from_files(affine_path, deformable_path):
+    """Affine (LPS), dense part (z, y, x, 3; LPS mm) and its grid from the library's output
+    files: affine.tfm and deformable.* (the deformable part alone on the fixed grid)."""
+    from SAMERegistrationLib.grid import Grid
+
+    if str(deformable_path).endswith(".h5"):
+        transform = sitk.DisplacementFieldTransform(sitk.ReadTransform(str(deformable_path)))
+        image = transform.GetDisplacementField()
+    else:
+        image = sitk.ReadImage(str(deformable_path))
+    dense = sitk.GetArrayFromImage(image).astype(np.float32)
+    return mrml.read_affine(affine_path), dense, Grid.from_sitk(image)
+
+
 def test_nodes_from_a_result_map_points_as_the_library(scene):
     """Linear under grid: p -> A (p + u(p)). The other nesting, p -> A p + u(A p), is far off."""
     result = synthetic_result()
     linear = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
     grid = scene.AddNewNodeByClass("vtkMRMLGridTransformNode")
-    affine, dense, working_grid = mrml.transform_parts_from_result(result)
-    mrml.set_registration(linear, affine, grid, mrml.grid_transform_from_array(dense, working_grid))
+    dense = mrml.grid_transform_from_array(np.moveaxis(result.dense, 0, -1), result.working_grid)
+    mrml.set_registration(linear, result.affine, grid, dense)
     assert linear.GetParentTransformNode() is grid and grid.GetParentTransformNode() is None
     points = random_fixed_points(result.working_grid)
     library = result.map_points(points)
@@ -157,7 +171,7 @@ def test_nodes_from_the_output_files_map_points_as_the_library(scene, tmp_path):
         sitk.GetImageFromArray(np.arange(20 * 24 * 28, dtype=np.float32).reshape(20, 24, 28))
     )
     paths = write_outputs(result, tmp_path / "out", moving)
-    affine, dense, grid = mrml.transform_parts_from_files(paths["affine"], paths["deformable"])
+    affine, dense, grid = transform_parts_from_files(paths["affine"], paths["deformable"])
     np.testing.assert_allclose(affine, result.affine, atol=1e-9)
     assert grid.matches(result.fixed_grid)  # the dense part on the fixed grid, oblique
     assert dense.dtype == np.float32
@@ -184,7 +198,7 @@ def test_deformable_file_with_the_affine_is_the_whole_map(tmp_path):
     for field_format in ("nii.gz", "h5"):
         result.config.export.field_format = field_format
         paths = write_outputs(result, tmp_path / field_format, moving)
-        affine, dense, grid = mrml.transform_parts_from_files(paths["affine"], paths["deformable"])
+        affine, dense, grid = transform_parts_from_files(paths["affine"], paths["deformable"])
         assert grid.matches(result.fixed_grid)
         centres = result.fixed_grid.voxel_centres().reshape(-1, 3)
         mapped = (centres + dense.reshape(-1, 3)) @ affine[:3, :3].T + affine[:3, 3]
@@ -211,8 +225,8 @@ def test_qa_volumes_in_slabs_equal_the_whole_computation(scene, monkeypatch):
     )
     linear = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
     grid = scene.AddNewNodeByClass("vtkMRMLGridTransformNode")
-    affine, dense, working_grid = mrml.transform_parts_from_result(result)
-    mrml.set_registration(linear, affine, grid, mrml.grid_transform_from_array(dense, working_grid))
+    dense = mrml.grid_transform_from_array(np.moveaxis(result.dense, 0, -1), result.working_grid)
+    mrml.set_registration(linear, result.affine, grid, dense)
     whole = {k: sitk.GetArrayFromImage(mrml.displacement_qa_image(linear, reference, k))
              for k in ("magnitude", "jacobian")}  # fmt: skip
     centres = result.fixed_grid.voxel_centres().reshape(-1, 3)
