@@ -238,7 +238,7 @@ def test_cross_patient_steps_lower_the_loss(known_cache, tmp_path) -> None:
             return sam_loss(*state.model(batch.images), batch, config.loss).total.item()
 
     before = loss_now()
-    positions = [train_step(state, batch, config).position.item() for _ in range(5)]
+    positions = [train_step(state, batch, config).parts["position"].item() for _ in range(5)]
     assert loss_now() < before - 0.3
     assert positions[-1] < positions[0]
 
