@@ -99,6 +99,9 @@ class CoarseConfig:
 class DeformConfig:
     enabled: bool = True
     weights: str | None = None  # SAM-deform network weights; the stage is skipped without them
+    # Keep the network's field only if it raises the local NCC of the fixed and the pulled moving
+    # image (inside the fixed body) by at least this much; -1 keeps every field.
+    min_gain: float = 0.005
 
 
 @dataclass
@@ -111,6 +114,9 @@ class InstanceConfig:
     smoothing_passes: int = 3  # 3x3x3 box filters applied to the displacement each step
     # Evaluate the similarity on every k-th fixed body voxel per axis; null = feature default.
     cost_stride: int | None = None
+    # Keep the refinement only if it raises the feature similarity (its own cost, in [-1, 1]) by at
+    # least this much: a perfect alignment gains nothing and must not move; -1 keeps every one.
+    min_gain: float = 0.002
 
 
 @dataclass
@@ -249,6 +255,8 @@ _BOUNDED: dict[str, tuple[float, float, bool, bool]] = {
     "affine.max_scale": (1.0, math.inf, False, True),
     "initial_pose.angle_threshold_deg": (0.0, 180.0, False, False),
     "initial_pose.spacing_mm": (2.0, 20.0, False, False),
+    "deform.min_gain": (-1.0, 1.0, False, False),
+    "instance.min_gain": (-1.0, 1.0, False, False),
 }
 #: (key, low, high, low excluded, high excluded) of every numeric setting.
 NUMERIC_RANGES: tuple[tuple[str, float, float, bool, bool], ...] = (

@@ -42,7 +42,8 @@ def test_run_composes_the_network_translation_before_the_alignment(tmp_path) -> 
     field[0, 2] = 0.05 * torch.arange(grid.shape[2], dtype=torch.float32)  # u_z = 0.05 * x index
     before = Alignment(affine, field, grid)
     context = StageContext(image, image, deform_model=model, deform_source="t.pth")
-    after, info = deform.run(maps, maps, before, RegistrationConfig(), context)
+    keep_every_field = RegistrationConfig().with_overrides({"deform.min_gain": -1.0})
+    after, info = deform.run(maps, maps, before, keep_every_field, context)
     assert info["weights"] == "t.pth" and info["folding_percent"] == 0.0
     t = np.array(voxels) * 4.0
     probes = grid.index_to_physical(rng.uniform(3, np.array(grid.size_xyz) - 4, size=(40, 3)))
@@ -82,7 +83,9 @@ def test_pipeline_composes_the_deform_field_before_the_pre_alignment(ct_pair, tm
 
     voxels = [1.0, -2.0, 0.5]  # a constant velocity: exp(v) is the translation by v
     weights = translation_weights(tmp_path / "deform.pth", voxels)
-    result = register(fixed, moving, deform__weights=str(weights), **PIPELINE)
+    result = register(
+        fixed, moving, deform__weights=str(weights), deform__min_gain=-1.0, **PIPELINE
+    )
     stage = result.stages["deform"]
     assert stage["status"] == "done" and stage["variant"] == "svf" and stage["correlation"]
     assert stage["weights"] == str(weights)

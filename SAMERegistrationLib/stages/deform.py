@@ -6,7 +6,10 @@ the fixed working grid. The stage's map is ``phi_pre o (id + u)``: u moves fixed
 the pre-alignment carries them into moving space, so the total displacement becomes
 ``u(p) + u_coarse(p + u(p))`` with the affine still applied last. Without weights given, the
 network shipped with the library runs where it fits (``choose_model``); otherwise the pipeline
-skips this stage with a logged reason.
+skips this stage with a logged reason. The network's field is kept only where it helps: unless it
+raises the local NCC of the fixed and the pulled moving image inside the fixed body by
+``deform.min_gain``, the stage returns the incoming alignment as "rejected" (a network can move a
+perfect alignment, or one of anatomy it was not trained on, for the worse).
 """
 
 from __future__ import annotations
@@ -23,10 +26,12 @@ from ..alignment import Alignment
 from ..config import DeformConfig, RegistrationConfig
 from ..deform_net.checkpoint import DeformModel, load_deform_weights
 from ..deform_net.field import displacement
-from ..deform_net.inputs import build_inputs
+from ..deform_net.inputs import body_window, build_inputs
 from ..errors import ConfigError
 from ..features.base import FeatureMaps
 from ..shipped import MODELS, file_sha256, read_record, verify_shipped
+from ..train.deform_losses import local_ncc
+from ..working import WorkingImage
 from . import StageContext, skipped
 
 log = logging.getLogger(__name__)
@@ -35,6 +40,8 @@ log = logging.getLogger(__name__)
 #: The SAM-deform network shipped with the library, its record (SHA256, features) and model card.
 DEFAULT_WEIGHTS = MODELS / "deform_default.pt"
 DEFAULT_RECORD = MODELS / "deform_default.json"
+#: The acceptance check's similarity: local NCC over cubes of this many working voxels.
+SIMILARITY_WINDOW = 9
 
 
 def shipped_weights() -> Path | None:
@@ -153,6 +160,8 @@ def run(
     with torch.no_grad():
         u = displacement(output.float(), fixed.grid, model.variant, model.integration_steps)
         composed = alignment.compose(u)
+        before = local_similarity(fixed, inputs.fixed, inputs.moving)
+        after = local_similarity(fixed, inputs.fixed, pulled_window(moving, composed, fixed))
     info = {
         "weights": context.deform_source,
         "variant": model.variant,
@@ -161,5 +170,29 @@ def run(
         "displacement_max_mm": round(float(u.norm(dim=1).max()), 3),
         # Folding of the network's own map (id + u) inside the fixed body.
         "folding_percent": spatial.folding_percent(u, fixed.grid, fixed.body),
+        "similarity": f"local NCC ({SIMILARITY_WINDOW}-voxel window) in the fixed body",
+        "similarity_before": round(before, 4),
+        "similarity_after": round(after, 4),
     }
+    if after - before < config.deform.min_gain:
+        reason = (
+            f"the network's field changed the local NCC from {before:.4f} to {after:.4f}, "
+            f"less than deform.min_gain ({config.deform.min_gain:g}) better: alignment kept"
+        )
+        log.info("deform stage rejected: %s", reason)
+        return alignment, {"status": "rejected", "reason": reason, **info}
     return composed, info
+
+
+def pulled_window(moving: WorkingImage, alignment: Alignment, fixed: WorkingImage) -> torch.Tensor:
+    """The moving image's intensity window pulled through ``alignment`` onto the fixed grid."""
+    window = body_window(moving, alignment.field.device)
+    return alignment.pull(window, moving.grid, fixed.grid)
+
+
+def local_similarity(
+    fixed: WorkingImage, fixed_window: torch.Tensor, pulled: torch.Tensor
+) -> float:
+    """Local NCC of the fixed window and a pulled moving window, inside the fixed body."""
+    body = torch.as_tensor(fixed.body, device=pulled.device)[None, None]
+    return float(local_ncc(fixed_window, pulled, body, SIMILARITY_WINDOW))

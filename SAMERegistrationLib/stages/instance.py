@@ -2,7 +2,9 @@
 
 A displacement d on the fixed feature grid is optimised with Adam so that the moving features,
 sampled through the current map after d, agree with the fixed features (cosine, local + global).
-The result is the current map composed after (id + d).
+The result is the current map composed after (id + d), kept only if the similarity rose by
+``instance.min_gain``: otherwise the stage returns the incoming alignment as "rejected", so that a
+perfect alignment (nothing to gain) is not moved by the optimiser's drift.
 """
 
 from __future__ import annotations
@@ -80,4 +82,11 @@ def optimise_instance(
         final = -float(cost(disp)) / 2
         d = spatial.smooth(disp, config.smoothing_passes) * scale
         refined = alignment.compose(spatial.resample_field(d, grid, alignment.grid))
-    return refined, {"similarity_before": initial, "similarity_after": final}
+    info = {"similarity_before": initial, "similarity_after": final}
+    if final - initial < config.min_gain:
+        reason = (
+            f"the refinement raised the feature similarity from {initial:.4f} to {final:.4f}, "
+            f"less than instance.min_gain ({config.min_gain:g}): alignment kept"
+        )
+        return alignment, {"status": "rejected", "reason": reason, **info}
+    return refined, info
