@@ -3,23 +3,32 @@
     python benchmarks/sam_vs_mind.py                          # the shipped SAM model
     python benchmarks/sam_vs_mind.py --sam-weights SAM.pth    # another SAM checkpoint
     python benchmarks/sam_vs_mind.py --cases 1 --pairs 1      # a quick look
+    python benchmarks/sam_vs_mind.py --sam-weights my.pth --skip-mind  # that model alone
     python benchmarks/sam_vs_mind.py --figure sam.png         # also draw the three measures
     python benchmarks/sam_vs_mind.py --replot RESULTS.json --figure sam.png  # tables, figure again
 
-Three measures, each for SAM and for MIND (with the search each uses in the pipeline: SAM over
-the whole image, MIND in a 20 mm window around the initial alignment; MIND over the whole image
-is listed too, to show why it needs the window):
+Three measures, each for SAM and for MIND, with the matching each gets in the pipeline today
+(``config.FEATURE_DEFAULTS``: for SAM a global search with a ratio test, the region both scans
+cover and the model's calibrated similarity threshold from its record, ``matching.
+with_model_threshold``; for MIND a 20 mm window around the initial alignment; MIND over the whole
+image is listed too, to show why it needs the window), so the figures describe what users get:
 
 1. Matching error under known deformations. Each validation CT is warped by a known smooth random
    deformation; for the pipeline's grid points in the warped scan, the error (mm) of the
    nearest-embedding match in the original, before and after cycle-consistent stable sampling
-   (SSCC, with the 0.7 similarity threshold), and the share of grid points SSCC keeps.
+   (SSCC, with the feature's threshold), and the share of grid points SSCC keeps.
 2. Organ landmarks. On seeded pairs of validation patients, for each organ present in both
    scans: does the match of the moving organ's centroid fall inside the same organ of the fixed
    scan?
 3. Inter-patient Dice after the affine and the affine + coarse stages, on the same pairs, with the
    share of grid points whose match the affine used and, of those matches that start in an organ,
-   the share that end in the same organ of the fixed scan (the matches' accuracy across patients).
+   the share that end in the same organ of the fixed scan (the matches' accuracy across patients),
+   the pairs registered (the pipeline refuses a pair with too few reliable matches) and the
+   seconds per pair (features, matching, affine and coarse; one process, CPU).
+
+A SAM model trained on any of the validation patients is refused before any work, when its record
+(``NAME.json`` beside the weights, key ``training_scans`` as a list) or its training folder
+(``train_config.json`` beside the weights: its scans and its pair-map cache's scans) says so.
 
 Results are printed as markdown tables and saved to ``benchmarks/results/sam_vs_mind-<time>.json``.
 """
@@ -53,15 +62,22 @@ from _common import (
 )
 from run_pairs import affine_metrics
 
-from SAMERegistrationLib.config import FEATURE_DEFAULTS, MatchingConfig
-from SAMERegistrationLib.errors import RegistrationFailed
+from SAMERegistrationLib.config import FEATURE_DEFAULTS, MatchingConfig, RegistrationConfig
+from SAMERegistrationLib.errors import InputError, RegistrationFailed
 from SAMERegistrationLib.features.mind import MindExtractor
 from SAMERegistrationLib.features.sam import SamExtractor, default_weights
 from SAMERegistrationLib.grid import Grid
 from SAMERegistrationLib.image import read_image, to_working_grid
-from SAMERegistrationLib.matching import find_matches, grid_queries, nearest_matches
+from SAMERegistrationLib.matching import (
+    find_matches,
+    grid_queries,
+    nearest_matches,
+    with_model_threshold,
+)
+from SAMERegistrationLib.shipped import read_record
 from SAMERegistrationLib.stages.initial import search_translation
 from SAMERegistrationLib.synthetic import known_pair, smooth_displacement
+from SAMERegistrationLib.train.pair_maps import cache_scans
 
 # The searches compared: (row name, feature type, search radius in mm; 0 = whole image).
 SEARCHES = (
@@ -76,8 +92,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--sam-weights", type=Path, help="SAM checkpoint (default: the shipped one)"
     )
+    parser.add_argument(
+        "--sam-threshold",
+        type=float,
+        help="SSCC similarity threshold for SAM (default: the model record's, else SAME's 0.7)",
+    )
+    parser.add_argument("--skip-mind", action="store_true", help="evaluate SAM only")
     parser.add_argument("--cases", type=int, default=4, help="warped validation CTs (4)")
-    parser.add_argument("--pairs", type=int, default=8, help="inter-patient pairs (8)")
+    parser.add_argument("--pairs", type=int, default=10, help="inter-patient pairs (10)")
     parser.add_argument("--warp-mm", type=float, default=12.0, help="largest warp vector (12 mm)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the warps and pairing (0)")
     parser.add_argument("--data", type=Path, help="shared data folder or its openkbp folder")
@@ -93,6 +115,51 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.sam_weights is None:
         parser.error("no SAM weights ship with this installation: pass --sam-weights")
     return args
+
+
+def features_of(document: dict) -> tuple[str, ...]:
+    """The feature types a run evaluated (older results always hold both)."""
+    return ("sam",) if document["settings"].get("skip_mind") == "True" else ("sam", "mind")
+
+
+def sam_config(weights: Path, threshold: float | None) -> RegistrationConfig:
+    """The pipeline's configuration for this SAM model: ``threshold`` when given, else the
+    model's calibrated one from its record, else the feature default."""
+    config = RegistrationConfig(features="sam")
+    if threshold is not None:
+        config = config.with_overrides({"matching.similarity_threshold": threshold})
+    return with_model_threshold(config, weights).resolved_for("sam")
+
+
+def training_scans(weights: Path) -> dict[str, list[str]]:
+    """What says which scans trained ``weights``: the record's ``training_scans`` list, the
+    training folder's ``train_config.json`` (its scans and its pair-map cache's scans)."""
+    sources = {}
+    record_file = weights.with_suffix(".json")
+    listed = read_record(record_file).get("training_scans")
+    if isinstance(listed, list):
+        sources[str(record_file)] = [str(s) for s in listed]
+    config_file = weights.parent / "train_config.json"
+    if config_file.is_file():
+        run = json.loads(config_file.read_text())
+        sources[str(config_file)] = [str(s) for s in run.get("scans", [])]
+        cache = (run.get("config") or {}).get("pair_maps")
+        if cache:
+            sources[f"{cache} (pair-map cache)"] = cache_scans(cache)
+    return sources
+
+
+def refuse_training_overlap(weights: Path, patients: list[str]) -> None:
+    """Stop when the model was trained on any of the evaluation ``patients`` (scan file names
+    ``<patient>_ct.nii.gz``): its figures would not describe held-out scans."""
+    for source, scans in training_scans(weights).items():
+        names = {Path(scan).name for scan in scans}
+        overlap = sorted(p for p in patients if f"{p}_ct.nii.gz" in names)
+        if overlap:
+            raise InputError(
+                f"{weights} was trained on {len(overlap)} evaluation patient(s) ({overlap[0]}, "
+                f"per {source}); evaluate a model trained without validation patients."
+            )
 
 
 def prior_from(translation_mm: list[float]) -> np.ndarray:
@@ -111,8 +178,9 @@ def warp_case(ct: sitk.Image, magnitude_mm: float, seed: int):
     return known_pair(moving, phi)
 
 
-def matching_errors(pair, extractors: dict, seed: int) -> dict:
-    """Per search: errors (mm) of one-way matches and of SSCC-kept matches, and the share kept."""
+def matching_errors(pair, extractors: dict, configs: dict[str, MatchingConfig]) -> dict:
+    """Per search: errors (mm) of one-way matches and of SSCC-kept matches, and the share kept.
+    ``configs`` holds each feature type's matching settings as the pipeline resolves them."""
     fixed_work = to_working_grid(pair.fixed, 2.0)
     moving_work = to_working_grid(pair.moving, 2.0)
     maps = {
@@ -120,12 +188,12 @@ def matching_errors(pair, extractors: dict, seed: int) -> dict:
         for name, extractor in extractors.items()
     }
     rows = {}
-    for row, feature, radius in SEARCHES:
+    for row, feature, radius in searches(tuple(extractors)):
         fixed_maps, moving_maps = maps[feature]
         prior, _ = search_translation(fixed_maps, moving_maps)
-        queries = grid_queries(moving_maps, MatchingConfig().grid_stride)
+        queries = grid_queries(moving_maps, configs[feature].grid_stride)
         raw = nearest_matches(fixed_maps, moving_maps, queries, prior, radius)
-        stable = find_matches(fixed_maps, moving_maps, MatchingConfig(), prior, radius)
+        stable = find_matches(fixed_maps, moving_maps, configs[feature], prior, radius)
         rows[row] = {
             "one_way_mm": _errors(pair, raw),
             "sscc_mm": _errors(pair, stable),
@@ -133,6 +201,10 @@ def matching_errors(pair, extractors: dict, seed: int) -> dict:
             "kept": len(stable),
         }
     return rows
+
+
+def searches(features: tuple[str, ...]) -> list[tuple[str, str, float]]:
+    return [search for search in SEARCHES if search[1] in features]
 
 
 def _errors(pair, matches) -> list[float]:
@@ -202,17 +274,18 @@ def match_organ_agreement(result, fixed_labels: sitk.Image, moving_labels: sitk.
     }
 
 
-def run_pair(openkbp: Path, fixed: str, moving: str, feature: str, weights: Path | None) -> dict:
+def run_pair(
+    openkbp: Path, fixed: str, moving: str, feature: str, args: argparse.Namespace
+) -> dict:
     case = case_files(openkbp, fixed, moving)
+    settings = {"instance__enabled": False, "deform__enabled": False}
+    if feature == "sam":
+        settings["sam_weights"] = str(args.sam_weights)
+        if args.sam_threshold is not None:
+            settings["matching__similarity_threshold"] = args.sam_threshold
     clock = time.perf_counter()
     try:
-        result = register_case(
-            case,
-            features=feature,
-            sam_weights=str(weights) if feature == "sam" else None,
-            instance__enabled=False,
-            deform__enabled=False,
-        )
+        result = register_case(case, features=feature, **settings)
     except RegistrationFailed as err:
         return {"status": "refused", "reason": str(err)}
     seconds = time.perf_counter() - clock
@@ -236,11 +309,11 @@ def run_pair(openkbp: Path, fixed: str, moving: str, feature: str, weights: Path
 # --- report ----------------------------------------------------------------------------------
 
 
-def matching_table(cases: list[dict]) -> str:
+def matching_table(cases: list[dict], features: tuple[str, ...]) -> str:
     head = ["features (search)", "one-way median mm", "one-way < 4 mm", "SSCC median mm"]
     head += ["SSCC < 4 mm", "SSCC share kept"]
     rows = []
-    for row, _, _ in SEARCHES:
+    for row, _, _ in searches(features):
         raw = [e for case in cases for e in case[row]["one_way_mm"]]
         kept = [e for case in cases for e in case[row]["sscc_mm"]]
         queried = sum(case[row]["grid_points"] for case in cases)
@@ -254,12 +327,12 @@ def _share(errors: list[float], limit: float = 4.0) -> str:
     return f"{100 * np.mean(np.array(errors) < limit):.1f} %" if errors else "n/a"
 
 
-def pairs_table(pairs: list[dict]) -> str:
+def pairs_table(pairs: list[dict], features: tuple[str, ...]) -> str:
     head = ["features", "pairs registered", "Dice affine", "Dice +coarse"]
     head += ["organ landmarks inside", "affine matches kept"]
-    head += ["of those in an organ: same organ", "time s/pair"]
+    head += ["of those in an organ: same organ", "seconds per pair"]
     rows = []
-    for feature in ("sam", "mind"):
+    for feature in features:
         runs = [p[feature] for p in pairs]
         done = [r for r in runs if r["status"] == "done"]
         hits = [h for r in done for h in r["landmark_hits"].values()]
@@ -307,7 +380,8 @@ def plot(document: dict, path: Path) -> None:
     figure, (errors, dice, organs) = plt.subplots(1, 3, figsize=(14, 4.2))
     limits = np.linspace(0.0, 20.0, 201)
     colours = {"SAM": "#c44e52", "MIND (20 mm window)": "#4c72b0", "MIND (whole image)": "#8c8c8c"}
-    for row, _, _ in SEARCHES:
+    features = features_of(document)
+    for row, _, _ in searches(features):
         for key, style, label in (("sscc_mm", "-", "SSCC"), ("one_way_mm", ":", "one-way")):
             values = np.array([e for case in document["cases"] for e in case[row][key]])
             if len(values):
@@ -321,7 +395,8 @@ def plot(document: dict, path: Path) -> None:
 
     labels = [f"{p['fixed'][-3:]}←{p['moving'][-3:]}".replace("_", "") for p in document["pairs"]]
     positions = np.arange(len(labels))
-    for offset, feature, colour in ((-0.2, "sam", "#c44e52"), (0.2, "mind", "#4c72b0")):
+    bars = ((-0.2, "sam", "#c44e52"), (0.2, "mind", "#4c72b0"))
+    for offset, feature, colour in (bar for bar in bars if bar[1] in features):
         runs = [p[feature] for p in document["pairs"]]
         coarse = [r["dice_coarse"] if r["status"] == "done" else 0.0 for r in runs]
         affine = [r["dice_affine"] if r["status"] == "done" else 0.0 for r in runs]
@@ -337,7 +412,7 @@ def plot(document: dict, path: Path) -> None:
     dice.legend(fontsize=7)
 
     shares, counts = [], []
-    for feature in ("sam", "mind"):
+    for feature in features:
         hits = [
             h
             for p in document["pairs"]
@@ -346,7 +421,8 @@ def plot(document: dict, path: Path) -> None:
         ]
         shares.append(100 * np.mean(hits) if hits else 0.0)
         counts.append(f"{sum(hits)}/{len(hits)}")
-    organs.bar(["SAM", "MIND"], shares, color=["#c44e52", "#4c72b0"])
+    names = [feature.upper() for feature in features]
+    organs.bar(names, shares, color=["#c44e52", "#4c72b0"][: len(features)])
     for x, (share, count) in enumerate(zip(shares, counts)):
         organs.text(x, share + 1, count, ha="center")
     organs.set_ylabel("% of organ centroids matched inside the same organ")
@@ -364,9 +440,12 @@ def report(document: dict, figure: Path | None) -> None:
     settings = document["settings"]
     print(f"\nMatching error under known smooth warps (max {settings['warp_mm']} mm), ", end="")
     print(f"{len(document['cases'])} validation CTs:\n")
-    print(matching_table(document["cases"]))
+    features = features_of(document)
+    print(matching_table(document["cases"], features))
     print(f"\nInter-patient, {len(document['pairs'])} seeded validation pairs:\n")
-    print(pairs_table(document["pairs"]))
+    print(pairs_table(document["pairs"], features))
+    if "sam_threshold" in document:
+        print(f"\nSAM similarity threshold: {document['sam_threshold']}")
     if figure is not None:
         plot(document, figure)
         print(f"\nfigure: {figure}")
@@ -379,10 +458,21 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     openkbp = find_openkbp(args.data)
     patients = validation_patients(openkbp)
+    try:
+        refuse_training_overlap(args.sam_weights, patients)
+    except InputError as err:
+        sys.exit(f"error: {err}")
     device = torch.device("cpu")
-    extractors = {"sam": SamExtractor(args.sam_weights, device), "mind": MindExtractor(device)}
+    extractors = {"sam": SamExtractor(args.sam_weights, device)}
+    if not args.skip_mind:
+        extractors["mind"] = MindExtractor(device)
+    configs = {
+        "sam": sam_config(args.sam_weights, args.sam_threshold).matching,
+        "mind": RegistrationConfig(features="mind").resolved_for("mind").matching,
+    }
     document = {
         "sam_weights": str(args.sam_weights),
+        "sam_threshold": configs["sam"].similarity_threshold,
         "machine": machine_info(),
         "settings": {k: str(v) for k, v in vars(args).items()},
         "cases": [],
@@ -391,13 +481,13 @@ def main(argv: list[str] | None = None) -> int:
     rng = np.random.default_rng(args.seed)
     for i, name in enumerate(rng.choice(patients, size=args.cases, replace=False)):
         ct = read_image(str(openkbp / f"{name}_ct.nii.gz"))
-        errors = matching_errors(warp_case(ct, args.warp_mm, args.seed + i), extractors, args.seed)
+        errors = matching_errors(warp_case(ct, args.warp_mm, args.seed + i), extractors, configs)
         document["cases"].append({"patient": str(name), **errors})
         print(f"warped case {i + 1}/{args.cases} ({name}) done", file=sys.stderr)
     for i, (fixed, moving) in enumerate(draw_pairs(patients, args.pairs, args.seed)):
         entry = {"fixed": fixed, "moving": moving}
-        for feature in ("sam", "mind"):
-            entry[feature] = run_pair(openkbp, fixed, moving, feature, args.sam_weights)
+        for feature in extractors:
+            entry[feature] = run_pair(openkbp, fixed, moving, feature, args)
         document["pairs"].append(entry)
         print(f"pair {i + 1}/{args.pairs} ({fixed} <- {moving}) done", file=sys.stderr)
 
