@@ -164,3 +164,4 @@ def test_null_matching_settings_take_the_feature_defaults():
     assert sam.affine.ransac_iterations > 0 and 10 <= sam.affine.ransac_inlier_mm <= 15
     mind = RegistrationConfig().resolved_for("mind")
     assert mind.matching.similarity_threshold == 0.7 and mind.matching.ratio_max == 1.0
+    assert mind.affine.ransac_iterations == 0 and mind.affine.outlier_factor == 2.0

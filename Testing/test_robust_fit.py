@@ -34,14 +34,13 @@ def _worst_error_mm(matrix: np.ndarray, truth: np.ndarray) -> float:
     return float(np.linalg.norm(diff, axis=1).max())
 
 
-@pytest.mark.parametrize("features", ["sam", "mind"])
-def test_ransac_recovers_a_known_affine_despite_40_percent_outliers(features):
+def test_ransac_recovers_a_known_affine_despite_40_percent_outliers():
     linear = Rotation.from_euler("xyz", [8, -5, 12], degrees=True).as_matrix() @ np.diag(
         [1.1, 0.92, 1.05]
     )
     truth = _known_affine(linear)
     matches, wrong = _matches(truth, 0.4)
-    config = RegistrationConfig().resolved_for(features)
+    config = RegistrationConfig().resolved_for("sam")  # SAM's default fit is RANSAC
     matrix, info = fit_affine(matches, config.affine, seed=config.seed)
     assert _worst_error_mm(matrix, truth) < 0.5
     # A similarity explains most of the true matches within 12 mm; the affine explains all.
