@@ -287,8 +287,10 @@ def _check_range(
 
 
 def _validate_matching_and_fit(config: RegistrationConfig) -> None:
-    """Relations between robust-fit settings that the ranges above cannot express."""
+    """Robust-fit checks that the ranges above cannot express."""
     fit = config.affine
+    if fit.ransac_iterations is not None and not float(fit.ransac_iterations).is_integer():
+        raise ConfigError("affine.ransac_iterations must be a whole number.")
     if not fit.min_scale <= 1.0 <= fit.max_scale:
         raise ConfigError("affine.min_scale must be at most 1 and affine.max_scale at least 1.")
 
