@@ -157,7 +157,7 @@ class RegistrationConfig:
     def from_json(cls, path: str | Path) -> RegistrationConfig:
         path = Path(path)
         try:
-            data = json.loads(path.read_text())
+            data = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError as err:
             raise ConfigError(f"The configuration file '{path}' does not exist.") from err
         except json.JSONDecodeError as err:

@@ -177,7 +177,7 @@ def _take_lock(folder: Path) -> Path:
 
 def _owner(lock: Path) -> tuple[int, str] | None:
     try:
-        pid, host = lock.read_text().split()
+        pid, host = lock.read_text(encoding="utf-8").split()
         return int(pid), host
     except (OSError, ValueError):
         return None
@@ -226,7 +226,7 @@ def _terminate_as_interrupt():
 def _earlier_outputs(report: Path) -> set[str]:
     """The plain file names an earlier run's report lists as its outputs."""
     try:
-        outputs = json.loads(report.read_text()).get("outputs", {})
+        outputs = json.loads(report.read_text(encoding="utf-8")).get("outputs", {})
     except (OSError, ValueError, AttributeError):
         return set()
     if not isinstance(outputs, dict):

@@ -30,7 +30,7 @@ def file_sha256(path: str | os.PathLike) -> str:
 def read_record(record: str | os.PathLike) -> dict[str, Any]:
     """A model's record, or an empty dict when it is missing or unreadable."""
     try:
-        values = json.loads(Path(record).read_text())
+        values = json.loads(Path(record).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
     return values if isinstance(values, dict) else {}
@@ -46,7 +46,7 @@ def verify_shipped(
     """
     weights, record = Path(weights), Path(record)
     try:
-        expected = json.loads(record.read_text())["sha256"]
+        expected = json.loads(record.read_text(encoding="utf-8"))["sha256"]
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise CheckpointError(
             f"The record of the shipped {what} ({record}) is missing or unreadable ({err}). "

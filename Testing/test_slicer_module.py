@@ -437,7 +437,7 @@ def test_module_self_test_scenario(scene):
 def test_ui_file_parses_and_has_every_widget_the_code_uses():
     ui = ET.parse(MODULE_DIR / "Resources" / "UI" / "SAMERegistration.ui").getroot()
     names = {widget.get("name") for widget in ui.iter("widget")}
-    source = (MODULE_DIR / "SAMERegistration.py").read_text()
+    source = (MODULE_DIR / "SAMERegistration.py").read_text(encoding="utf-8")
     used = set(re.findall(r"self\.ui\.(\w+)", source))
     assert used, "the widget uses no .ui names?"
     assert used <= names, f"missing in the .ui file: {sorted(used - names)}"
@@ -460,7 +460,7 @@ def test_ui_file_parses_and_has_every_widget_the_code_uses():
 
 
 def test_cmake_installs_every_module_file():
-    cmake = (MODULE_DIR / "CMakeLists.txt").read_text()
+    cmake = (MODULE_DIR / "CMakeLists.txt").read_text(encoding="utf-8")
     for path in sorted((MODULE_DIR / "SAMERegistrationModuleLib").glob("*.py")):
         assert f"SAMERegistrationModuleLib/{path.name}" in cmake, path.name
     for resource in re.findall(r"(Resources/\S+)", cmake):
@@ -496,7 +496,7 @@ def test_settings_become_the_command_line_the_library_reads():
 
     vocabulary = {STAGES, STEPS, FEATURES, SPACING_RANGE_MM}
     for path in MODULE_DIR.rglob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text())):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, ast.Tuple | ast.List) and node.elts:
                 try:
                     value = tuple(ast.literal_eval(node))
@@ -807,7 +807,7 @@ def test_slice_nodes_are_listed_without_leaking_collections(scene):
     leaked = scene.GetNodesByClass("vtkMRMLSliceNode")
     assert leaked.GetReferenceCount() == 2  # why it is not used
     for path in MODULE_DIR.rglob("*.py"):
-        assert ".GetNodesByClass(" not in path.read_text(), path
+        assert ".GetNodesByClass(" not in path.read_text(encoding="utf-8"), path
     slice_node = scene.AddNewNodeByClass("vtkMRMLSliceNode")
     assert inspection.nodesByClass(scene, "vtkMRMLSliceNode")[-1] is slice_node
     scene.RemoveNode(slice_node)
@@ -822,7 +822,7 @@ def test_requirements_list_only_what_the_run_imports():
     assert "tqdm" not in listed
     top_level = set()
     for source in [*(REPO / "SAMERegistrationLib").rglob("*.py"), *MODULE_DIR.rglob("*.py")]:
-        for statement in ast.parse(source.read_text()).body:
+        for statement in ast.parse(source.read_text(encoding="utf-8")).body:
             if isinstance(statement, ast.Import):
                 top_level |= {alias.name.split(".")[0] for alias in statement.names}
             elif isinstance(statement, ast.ImportFrom) and statement.module:
@@ -850,7 +850,7 @@ def test_module_loads_with_python_3_9_rules():
     files = {Path(line) for line in done.stdout.split()} | {MODULE_DIR / "SAMERegistration.py"}
     assert any(f.name == "mrml.py" for f in files)
     for path in sorted(files):
-        tree = ast.parse(path.read_text(), feature_version=(3, 9))
+        tree = ast.parse(path.read_text(encoding="utf-8"), feature_version=(3, 9))
         postponed = any(
             isinstance(s, ast.ImportFrom)
             and s.module == "__future__"
@@ -873,18 +873,18 @@ def test_module_loads_with_python_3_9_rules():
 
 
 def test_extension_meets_the_index_conventions():
-    licence = (REPO / "LICENSE").read_text()
+    licence = (REPO / "LICENSE").read_text(encoding="utf-8")
     assert "Apache License" in licence and "Version 2.0, January 2004" in licence
-    cmake = (REPO / "CMakeLists.txt").read_text()
+    cmake = (REPO / "CMakeLists.txt").read_text(encoding="utf-8")
     screenshot = re.search(r'EXTENSION_SCREENSHOTURLS "([^"]+)"', cmake)
     assert screenshot, "no screenshot URL"
     relative = screenshot.group(1).split("/main/")[-1]
     assert (REPO / relative).is_file(), relative
     assert "5.10" in cmake
-    readme = (REPO / "README.md").read_text()
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
     section = readme.split("## In 3D Slicer")[1].split("\n## ")[0]
     assert "5.10" in section and relative in section
-    source = (MODULE_DIR / "SAMERegistration.py").read_text()
+    source = (MODULE_DIR / "SAMERegistration.py").read_text(encoding="utf-8")
     tree = ast.parse(source)
     citation = next(
         ast.literal_eval(n.value)

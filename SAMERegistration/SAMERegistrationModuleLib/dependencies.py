@@ -17,7 +17,9 @@ def torchInstalled() -> bool:
 
 def requirements(path: str | Path) -> list[str]:
     """The requirement lines of a requirements.txt, comments and blank lines left out."""
-    lines = (line.split("#")[0].strip() for line in Path(path).read_text().splitlines())
+    lines = (
+        line.split("#")[0].strip() for line in Path(path).read_text(encoding="utf-8").splitlines()
+    )
     return [line for line in lines if line]
 
 

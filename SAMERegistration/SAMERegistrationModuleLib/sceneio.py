@@ -92,7 +92,7 @@ def readRunFiles(job: RegistrationJob) -> RunFiles:
     from SAMERegistrationLib.feature_export import read_feature_maps
 
     folder = job.reportPath.parent
-    report = json.loads(job.reportPath.read_text())
+    report = json.loads(job.reportPath.read_text(encoding="utf-8"))
     names = report["outputs"]
     outputs = job.outputs
     hasDense = any(

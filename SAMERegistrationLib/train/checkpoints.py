@@ -115,7 +115,7 @@ def check_same_settings(
 
 def prepare_log(path: Path, header: str, iteration: int) -> None:
     """Keep the log lines up to ``iteration`` (a resumed run rewrites what came after)."""
-    lines = path.read_text().splitlines(keepends=True)[1:] if path.exists() else []
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)[1:] if path.exists() else []
     kept = [line for line in lines if int(line.split("\t", 1)[0]) <= iteration]
     path.write_text(header + "".join(kept))
 

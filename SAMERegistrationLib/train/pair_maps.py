@@ -347,7 +347,7 @@ def _build_entry(
 
 def read_manifest(path: Path) -> dict[str, Any]:
     try:
-        manifest = json.loads(path.read_text())
+        manifest = json.loads(path.read_text(encoding="utf-8"))
         if manifest.get("format") != MANIFEST_FORMAT:
             raise ValueError(f"format {manifest.get('format')!r}")
         manifest["scans"] = [ScanIdentity.from_dict(s).to_dict() for s in manifest["scans"]]
