@@ -26,6 +26,17 @@ def require_data(relative: str) -> Path:
     return path
 
 
+@pytest.fixture
+def one_thread():
+    """Torch on one thread for the test: deterministic and fair to other jobs on the machine."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def abdomen_ct() -> sitk.Image:
     """TotalSegmentator's example abdomen CT: 122x101x112 at 3 mm, direction diag(-1, -1, 1)."""

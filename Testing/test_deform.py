@@ -25,12 +25,7 @@ from SAMERegistrationLib.grid import Grid
 GRID = Grid((23, 17, 29), (1.5, 2.0, 2.5), (10.0, -20.0, 30.0))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _x_wave(grid: Grid, amplitude_times_k: float) -> torch.Tensor:

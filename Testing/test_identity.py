@@ -20,12 +20,7 @@ VOXELS = [2.0, -1.5, 1.0]  # the constant velocity of the test network, in worki
 SHIFT_MM = np.array(VOXELS) * np.array(GRID.spacing)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import SimpleITK as sitk
-import torch
 
 from SAMERegistrationLib.config import InitialPoseConfig, RegistrationConfig
 from SAMERegistrationLib.errors import ConfigError
@@ -26,12 +25,7 @@ from SAMERegistrationLib.pipeline import register
 SHIFT = np.array([30.0, -20.0, 50.0])
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def rigid(axis: int, degrees: float, shift=SHIFT) -> np.ndarray:

@@ -19,13 +19,7 @@ from SAMERegistrationLib.grid import Grid
 from SAMERegistrationLib.stages import StageContext, deform
 from SAMERegistrationLib.working import WorkingImage
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_run_composes_the_network_translation_before_the_alignment(tmp_path) -> None:

@@ -66,13 +66,7 @@ SMALL = SAMTrainConfig(
 )
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Two threads on a shared two-core machine are slower than one; restore afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
