@@ -56,6 +56,7 @@ from _common import (
     mean_sd_text,
     mean_text,
     median_or_none,
+    parse_overrides,
     register_case,
     validation_patients,
     write_json,
@@ -98,6 +99,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="SSCC similarity threshold for SAM (default: the model record's, else SAME's 0.7)",
     )
     parser.add_argument("--skip-mind", action="store_true", help="evaluate SAM only")
+    parser.add_argument(
+        "--sam-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a setting of the SAM runs, as same-register's --set (repeatable)",
+    )
     parser.add_argument("--cases", type=int, default=4, help="warped validation CTs (4)")
     parser.add_argument("--pairs", type=int, default=10, help="inter-patient pairs (10)")
     parser.add_argument("--warp-mm", type=float, default=12.0, help="largest warp vector (12 mm)")
@@ -111,6 +119,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.replot is not None:
         return args
+    args.sam_overrides = parse_overrides(args.sam_set, parser.error)
     args.sam_weights = args.sam_weights or default_weights()
     if args.sam_weights is None:
         parser.error("no SAM weights ship with this installation: pass --sam-weights")
@@ -283,6 +292,7 @@ def run_pair(
         settings["sam_weights"] = str(args.sam_weights)
         if args.sam_threshold is not None:
             settings["matching__similarity_threshold"] = args.sam_threshold
+        settings.update({key.replace(".", "__"): v for key, v in args.sam_overrides.items()})
     clock = time.perf_counter()
     try:
         result = register_case(case, features=feature, **settings)
@@ -467,7 +477,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_mind:
         extractors["mind"] = MindExtractor(device)
     configs = {
-        "sam": sam_config(args.sam_weights, args.sam_threshold).matching,
+        "sam": sam_config(args.sam_weights, args.sam_threshold)
+        .with_overrides(args.sam_overrides)
+        .matching,
         "mind": RegistrationConfig(features="mind").resolved_for("mind").matching,
     }
     document = {
