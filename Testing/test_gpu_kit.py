@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -179,3 +181,144 @@ def test_cross_patient_variant_trains_and_writes_loadable_weights(phantoms, tmp_
     assert all(torch.isfinite(p).all() for p in network.parameters())
     log = (tmp_path / "train_log.tsv").read_text().splitlines()
     assert log[0].split("\t")[5] == "probe" and float(log[1].split("\t")[5]) > 0
+
+
+# --- cross-patient pairs through packed maps ------------------------------------------------------
+
+
+def _kit_modules():
+    sys.path.insert(0, str(KIT))
+    import packed
+    import train_sam_gpu
+
+    return packed, train_sam_gpu
+
+
+def _box_volume(packed, name, values, spacing, origin):
+    extent = (np.array(values.shape[::-1]) - 1) * spacing
+    return packed.TrainVolume(name, values, spacing, origin, origin + 10, origin + extent - 10)
+
+
+def _coarse_map(packed, fixed, moving, affine, field_xyz, lo, hi, confidence=None, spacing=8.0):
+    """A packed map of constant displacement ``field_xyz`` on an 8 mm grid over [lo, hi]."""
+    size = np.ceil((hi - lo) / spacing).astype(int) + 1  # (x, y, z)
+    shape = tuple(size[::-1])
+    field = np.broadcast_to(np.asarray(field_xyz, np.float16)[:, None, None, None], (3, *shape))
+    if confidence is None:
+        confidence = np.full(shape, 255, np.uint8)
+    return packed.PackedMap(fixed, moving, affine, field.copy(), lo, np.full(3, spacing), lo, hi,
+                            confidence)  # fmt: skip
+
+
+def test_cross_pair_through_a_translation_shows_the_fixed_anatomy_on_the_partner_view():
+    """Known answer: the moving volume is the fixed one moved by t (part affine, part field), so
+    the partner view pulled through the map equals the fixed volume on that view's grid, and the
+    local loss may use it exactly where the map's confidence (a ramp in x) reaches the threshold."""
+    packed, kit = _kit_modules()
+    rng = np.random.default_rng(0)
+    values = rng.integers(1, 255, size=(30, 40, 50)).astype(np.uint8)  # (z, y, x)
+    spacing, origin = np.array([3.1, 2.6, 2.2]), np.array([-40.0, 15.0, 90.0])
+    t_affine, t_field = np.array([12.5, -7.25, 3.0]), np.array([-4.0, 6.5, 9.75])
+    fixed = _box_volume(packed, "f", values, spacing, origin)
+    moving = _box_volume(packed, "m", values, spacing, origin + t_affine + t_field)
+    affine = np.eye(4)
+    affine[:3, 3] = t_affine
+    lo, hi = origin - 60, origin + (np.array(values.shape[::-1]) - 1) * spacing + 60
+    size_x = int(np.ceil((hi - lo)[0] / 8.0)) + 1
+    ramp = np.round(np.linspace(0, 255, size_x)).astype(np.uint8)
+    shape = tuple((np.ceil((hi - lo) / 8.0).astype(int) + 1)[::-1])
+    confidence = np.broadcast_to(ramp, shape).copy()
+    pair_map = _coarse_map(packed, "f", "m", affine, t_field, lo, hi, confidence)
+    crops = kit.CropConfig(patch=(16, 32, 32), noise_std=0.0)
+    self_pairs = kit.SelfPairs([fixed, moving], crops, 1, torch.device("cpu"))
+    cross = kit.CrossPairs(self_pairs, [pair_map], share=1.0, min_similarity=0.3)
+    checked = 0
+    for seed in range(3):
+        pair = cross.cross_pair(cross.maps[0], np.random.default_rng(seed))
+        assert pair.cross_patient and pair.name == "f <- m"
+        second = kit.ViewGeometry(
+            (pair.views[1].axes_mm[2][0], pair.views[1].axes_mm[1][0], pair.views[1].axes_mm[0][0]),
+            float(pair.views[1].axes_mm[2][1] - pair.views[1].axes_mm[2][0]),
+            crops.patch,
+        )
+        direct, direct_valid = self_pairs._render(0, second, np.random.default_rng(0))
+        assert np.array_equal(pair.views[1].valid, direct_valid)
+        both = direct_valid
+        difference = (pair.images[1] - direct)[0].numpy()[both]
+        assert np.abs(difference).max() < 0.05
+        checked += both.sum()
+        x = pair.views[1].axes_mm[2]
+        expected = np.interp(x, lo[0] + 8.0 * np.arange(size_x), ramp.astype(float)) >= 0.3 * 255
+        assert np.array_equal(pair.views[1].reliable, np.broadcast_to(expected, crops.patch))
+    assert checked > 5000
+
+
+def test_cross_pair_through_a_rotation_puts_both_views_of_a_landmark_on_the_same_point():
+    """Known answer: a blob at c in the fixed volume and at its image A (c + u) in the moving one
+    (rotated 20 degrees, scaled, shifted) appear at c in both views of a cross pair."""
+    packed, kit = _kit_modules()
+    angle = np.radians(20.0)
+    linear = 1.1 * np.array(
+        [[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]]
+    )
+    affine = np.eye(4)
+    affine[:3, :3], affine[:3, 3] = linear, [5.0, -8.0, 12.0]
+    u = np.array([3.0, -2.0, 1.5])
+    centre = np.array([40.0, 30.0, 20.0])
+    image_of_centre = linear @ (centre + u) + affine[:3, 3]
+
+    def blob(spacing, origin, shape_zyx, at):
+        z, y, x = np.meshgrid(*(np.arange(n) for n in shape_zyx), indexing="ij")
+        points = np.stack([x, y, z], -1) * spacing + origin
+        squared = ((points - at) ** 2).sum(-1)
+        return np.round(1 + 200 * np.exp(-squared / (2 * 6.0**2))).astype(np.uint8)
+
+    f_spacing, f_origin = np.array([2.0, 2.5, 3.0]), np.array([-20.0, -30.0, -40.0])
+    m_spacing, m_origin = np.array([1.5, 1.8, 2.4]), np.array([-60.0, -60.0, -30.0])
+    fixed = _box_volume(packed, "f", blob(f_spacing, f_origin, (40, 50, 60), centre), f_spacing,
+                        f_origin)  # fmt: skip
+    moving = _box_volume(packed, "m", blob(m_spacing, m_origin, (70, 90, 100), image_of_centre),
+                         m_spacing, m_origin)  # fmt: skip
+    lo, hi = np.array([-100.0] * 3), np.array([150.0] * 3)
+    pair_map = _coarse_map(packed, "f", "m", affine, u, lo, hi)
+    crops = kit.CropConfig(patch=(16, 32, 32), noise_std=0.0)
+    self_pairs = kit.SelfPairs([fixed, moving], crops, 1, torch.device("cpu"))
+    cross = kit.CrossPairs(self_pairs, [pair_map], share=1.0, min_similarity=0.3)
+    geometry = kit.ViewGeometry(tuple(centre - np.array([15.5, 15.5, 7.5]) * 2.0), 2.0, crops.patch)
+    fixed_view, _ = self_pairs._render(0, geometry, np.random.default_rng(0))
+    moving_view, valid, _ = cross._render_through_map(cross.maps[0], geometry, None)
+    assert valid.all()
+    z, y, x = np.meshgrid(*geometry.axes_mm(), indexing="ij")
+    for view in (fixed_view, moving_view):
+        weight = np.clip(view[0].numpy() + packed.SAM_OFFSET - 1, 0, None)
+        found = np.array([(weight * c).sum() / weight.sum() for c in (x, y, z)])
+        assert np.abs(found - centre).max() < 0.1  # a twentieth of the view voxel (2 mm)
+
+
+def test_cross_variant_with_packed_maps_trains_on_cross_patient_pairs(phantoms, tmp_path):
+    packed, _ = _kit_modules()
+    data = tmp_path / "data"
+    shutil.copytree(phantoms, data)
+    volumes = {v.name: v for v in packed.read_training(data)}
+    fixed = volumes["phantom_0"]
+    affine = np.eye(4)
+    affine[:3, 3] = volumes["phantom_1"].origin - fixed.origin  # the phantoms' shift
+    lo = fixed.origin
+    hi = fixed.origin + (np.array(fixed.values.shape[::-1]) - 1) * fixed.spacing
+    packed.write_pair_map(
+        data, _coarse_map(packed, "phantom_0", "phantom_1", affine, [0, 0, 0], lo, hi)
+    )
+    out = tmp_path / "out"
+    done = subprocess.run(
+        [sys.executable, KIT / "train_sam_gpu.py", "--data", data, "--out", out, "--tiny",
+         "--variant", "cross", "--cross-share", "1", "--budget-s", "1", "--device", "cpu"],
+        cwd=REPO, capture_output=True, text=True, env=_environment(), timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["pair_maps"] == 1 and result["cross_pairs"] >= 2 * result["iterations"]
+    rows = [line.split("\t") for line in (out / "train_log.tsv").read_text().splitlines()[1:]]
+    assert rows and all(np.isfinite(float(v)) for row in rows for v in row[2:6])
+    shards = sorted(out.glob("sam_gpu.pth.part*"))
+    (out / "sam.pth").write_bytes(b"".join(p.read_bytes() for p in shards))
+    assert all(torch.isfinite(p).all() for p in load_sam_checkpoint(out / "sam.pth").parameters())

@@ -2,12 +2,15 @@
 
     python benchmarks/device/pack.py                 # 10 pairs + the SAM training volumes
     python benchmarks/device/pack.py --parts pairs   # only the pairs and their CPU results
+    python benchmarks/device/pack.py --parts maps --pair-maps CACHE  # add cross-patient maps
 
 Writes ``benchmarks/device/data/`` (git-ignored; the device call carries it), in the layout that
 ``packed.py`` describes: seeded OpenKBP validation pairs on the 2 mm working grid with their labels,
 the CPU result of every pair and variant (Dice per stage, computed here on the packed arrays
 themselves, so that the device run is compared on identical inputs), and the SAM training volumes
-(OpenKBP training CTs and POPI on their own grids). The pairs are ``run_pairs.py``'s seeded pairing
+(OpenKBP training CTs and POPI on their own grids), and with ``--pair-maps`` the registration maps of a
+``same-register sam-pair-maps`` cache between packed training volumes, each downsampled to a coarse
+grid (``--map-spacing``, 8 mm), for ``train_sam_gpu.py --variant cross``. The pairs are ``run_pairs.py``'s seeded pairing
 restricted to a seeded subset of patients, so that few images serve many pairs. Prints the folder's
 size and what would travel with the working tree.
 """
@@ -34,8 +37,16 @@ import SimpleITK as sitk  # noqa: E402
 import torch  # noqa: E402
 from run_pairs import draw_pairs, validation_patients  # noqa: E402
 
+from SAMERegistrationLib.errors import InputError  # noqa: E402
+from SAMERegistrationLib.grid import Grid  # noqa: E402
 from SAMERegistrationLib.image import check_ct, read_image, resample_array, to_working_grid  # noqa: E402
 from SAMERegistrationLib.train.crops import scan_from_image  # noqa: E402
+from SAMERegistrationLib.train.pair_maps import (  # noqa: E402
+    PairMap,
+    load_pair_maps,
+    read_map,
+    sample_on_grid,
+)
 
 DEFAULT_DATA = KIT / "data"
 TRAVEL_LIMIT_MB = 64.0
@@ -45,7 +56,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="output folder")
     parser.add_argument("--shared", type=Path, default=REPO.parent / "shared" / "data")
-    parser.add_argument("--parts", default="pairs,train", help="pairs, train or both")
+    parser.add_argument(
+        "--parts", default="pairs,train", help="pairs, train, maps (comma-separated)"
+    )
     parser.add_argument("--pairs", type=int, default=10, help="validation pairs (10)")
     parser.add_argument("--patients", type=int, default=6, help="validation patients (6)")
     parser.add_argument("--seed", type=int, default=0)
@@ -54,14 +67,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--train-limit", type=int, default=None, help="pack only the first N training CTs"
     )
     parser.add_argument(
+        "--pair-maps",
+        type=Path,
+        default=None,
+        help="a sam-pair-maps cache of training pairs: pack its maps (adds the maps part)",
+    )
+    parser.add_argument(
+        "--map-spacing", type=float, default=8.0, help="grid of the packed maps, mm (8)"
+    )
+    parser.add_argument(
         "--synthetic",
         action="store_true",
         help="two small phantoms instead of real CT (for the tiny mode's test; no shared data)",
     )
     args = parser.parse_args(argv)
     args.parts = {p.strip() for p in args.parts.split(",") if p.strip()}
-    if not args.parts <= {"pairs", "train"}:
-        parser.error("--parts takes pairs, train or pairs,train")
+    if args.pair_maps is not None:
+        args.parts.add("maps")
+    if not args.parts <= {"pairs", "train", "maps"}:
+        parser.error("--parts takes pairs, train and maps, comma-separated")
+    if "maps" in args.parts and args.pair_maps is None:
+        parser.error("the maps part needs --pair-maps CACHE (a sam-pair-maps folder)")
     return args
 
 
@@ -168,13 +194,21 @@ def pack_synthetic(args: argparse.Namespace) -> None:
     cpu_reference(args.data, {**document, "cpu": {}}, {})
 
 
+def training_paths(shared: Path, limit: int | None = None) -> list[Path]:
+    """The SAM training CTs: OpenKBP's training patients (the first ``limit``) and POPI."""
+    paths = sorted((shared / "openkbp").glob("train_pt_*_ct.nii.gz"))[:limit]
+    return [*paths, shared / "popi" / "popi_phase00_ct_2mm.nii.gz"]
+
+
+def volume_name(path: Path) -> str:
+    return path.name.removesuffix(".nii.gz")
+
+
 def pack_training(args: argparse.Namespace) -> None:
-    openkbp = args.shared / "openkbp"
-    paths = sorted(openkbp.glob("train_pt_*_ct.nii.gz"))[: args.train_limit]
-    paths.append(args.shared / "popi" / "popi_phase00_ct_2mm.nii.gz")
+    paths = training_paths(args.shared, args.train_limit)
     volumes = []
     for path in paths:
-        name = path.name.removesuffix(".nii.gz")
+        name = volume_name(path)
         image = read_image(path, "training CT")
         if not np.allclose(np.reshape(image.GetDirection(), (3, 3)), np.eye(3), atol=1e-6):
             sys.exit(f"error: {path} is not axis-aligned; the GPU crops assume identity direction")
@@ -197,6 +231,79 @@ def pack_training(args: argparse.Namespace) -> None:
     print(f"packed {len(volumes)} training volumes", flush=True)
 
 
+def pack_pair_maps(args: argparse.Namespace) -> None:
+    """The cache's maps between packed training volumes, coarse, into ``maps/`` (replaced whole).
+
+    The library checks the cache first (``load_pair_maps``): a cache whose manifest lists scans
+    other than the kit's training CTs (validation patients, other files, changed contents) is
+    refused by name before anything is written."""
+    packed_names = {volume.name for volume in packed.read_training(args.data)}
+    candidates = training_paths(args.shared)
+    names = {str(path.resolve()): volume_name(path) for path in candidates}
+    try:
+        usable = load_pair_maps(args.pair_maps, candidates)
+    except InputError as err:
+        sys.exit(f"error: {err}")
+    maps, errors, skipped = [], [], 0
+    for path in usable:
+        pair_map = read_map(path)
+        fixed, moving = names[pair_map.fixed.path], names[pair_map.moving.path]
+        if fixed not in packed_names or moving not in packed_names:
+            skipped += 1  # a scan left out by --train-limit
+            continue
+        coarse, error = downsample_map(pair_map, fixed, moving, args.map_spacing)
+        maps.append(coarse)
+        errors.append(error)
+    if not maps:
+        sys.exit(f"error: no map of {args.pair_maps} joins two packed training volumes")
+    folder = args.data / packed.MAPS_DIR
+    for stale in folder.glob("*.npz"):
+        stale.unlink()
+    for coarse in maps:
+        packed.write_pair_map(args.data, coarse)
+    error = np.concatenate(errors)
+    print(
+        f"packed {len(maps)} pair maps on a {args.map_spacing:g} mm grid "
+        f"({packed.folder_size_mb(folder):.1f} MiB; {skipped} skipped: scans not packed); "
+        f"the coarse map departs from the full one by {np.median(error):.2f} mm median, "
+        f"{np.percentile(error, 95):.2f} mm p95, {error.max():.2f} mm at most",
+        flush=True,
+    )
+
+
+def downsample_map(
+    pair_map: PairMap, fixed: str, moving: str, spacing_mm: float, samples: int = 20000
+) -> tuple[packed.PackedMap, np.ndarray]:
+    """The map on an identity-direction grid of ``spacing_mm`` over its working grid, and the
+    distance (mm) between the coarse and the full map at ``samples`` random points of that grid."""
+    grid = pair_map.grid
+    half = 0.5 * np.abs(np.asarray(grid.spacing))  # the library's maps reach half a voxel out
+    corners = grid.corners()
+    lo, hi = corners.min(axis=0) - half, corners.max(axis=0) + half
+    size = np.ceil((hi - lo) / spacing_mm).astype(int) + 1  # (x, y, z), covers [lo, hi]
+    origin = (lo + hi) / 2 - (size - 1) * spacing_mm / 2
+    coarse = Grid(tuple(int(n) for n in size[::-1]), (spacing_mm,) * 3, tuple(origin), np.eye(3))
+    points = coarse.voxel_centres().reshape(-1, 3)
+    field = sample_on_grid(pair_map.dense.astype(np.float32), grid, points)
+    similarity = sample_on_grid(pair_map.similarity[None].astype(np.float32), grid, points)[0]
+    result = packed.PackedMap(
+        fixed=fixed,
+        moving=moving,
+        affine=pair_map.affine,
+        field=field.reshape(3, *coarse.shape).astype(np.float16),
+        field_origin=origin,
+        field_spacing=np.full(3, spacing_mm),
+        valid_lo_mm=lo,
+        valid_hi_mm=hi,
+        confidence=np.round(np.clip(similarity, 0, 1) * 255).astype(np.uint8).reshape(coarse.shape),
+    )
+    rng = np.random.default_rng(0)
+    probe = rng.uniform(lo, hi, size=(samples, 3))
+    u = sample_on_grid(result.field.astype(np.float32), coarse, probe).T
+    moved = (probe + u) @ pair_map.affine[:3, :3].T + pair_map.affine[:3, 3]
+    return result, np.linalg.norm(moved - pair_map.map_points(probe), axis=1)
+
+
 def travelling_tree_mb() -> float:
     """Tracked and untracked-not-ignored files of the working tree, MiB."""
     listed = subprocess.run(
@@ -217,6 +324,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if "train" in args.parts:
         pack_training(args)
+    if "maps" in args.parts:
+        try:
+            pack_pair_maps(args)
+        except FileNotFoundError as err:
+            sys.exit(f"error: {err}")
     if "pairs" in args.parts:
         pack_pairs(args)
     data_mb = packed.folder_size_mb(args.data)

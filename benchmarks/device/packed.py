@@ -12,7 +12,13 @@ Layout of the data folder (``pack.py`` writes it, everything else only reads it)
 - ``train.npz``: the SAM training volumes on their own grids, ``<name>`` (z, y, x) uint8 at the
   same intensity scale, with ``train.json`` listing per volume ``name``, ``spacing``, ``origin``
   (x, y, z), and the body's bounding box ``box_lo_mm`` / ``box_hi_mm`` (x, y, z, LPS mm). Their
-  grids are axis-aligned with identity direction (OpenKBP and POPI are).
+  grids are axis-aligned with identity direction (OpenKBP and POPI are);
+- ``maps/<fixed>__<moving>.npz`` (optional, ``pack.py --pair-maps``): a registration map between two
+  training volumes, fixed -> moving LPS mm, ``p -> affine (p + field(p))`` (the library's
+  convention): ``affine`` (4 x 4 float64), ``field`` (3, d, h, w) float16 displacement (x, y, z) mm
+  on an identity-direction grid of ``field_origin`` and ``field_spacing`` (x, y, z) covering the
+  map's working grid, ``valid_lo_mm`` / ``valid_hi_mm`` (x, y, z) the box where the map is defined,
+  and ``confidence`` (d, h, w) uint8, the map's local similarity clipped to [0, 1] in 1/255 steps.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ PAIRS_FILE = "pairs.json"
 IMAGES_DIR = "images"
 TRAIN_ARRAYS = "train.npz"
 TRAIN_INDEX = "train.json"
+MAPS_DIR = "maps"
 SAM_OFFSET = 50.0  # SAM's intensity scale is [-50, 205]; stored shifted into uint8
 HU_PER_STEP = 4095.0 / 255.0  # one SAM intensity unit in HU
 
@@ -160,6 +167,55 @@ def read_training(folder: Path) -> list[TrainVolume]:
             )
             for item in index
         ]
+
+
+@dataclass
+class PackedMap:
+    """A registration map between two packed training volumes (see the module docstring)."""
+
+    fixed: str
+    moving: str
+    affine: np.ndarray  # (4, 4) float64, fixed -> moving
+    field: np.ndarray  # (3, d, h, w) float16, (x, y, z) mm
+    field_origin: np.ndarray  # (x, y, z) mm, the centre of field voxel (0, 0, 0)
+    field_spacing: np.ndarray  # (x, y, z) mm
+    valid_lo_mm: np.ndarray  # (x, y, z)
+    valid_hi_mm: np.ndarray
+    confidence: np.ndarray  # (d, h, w) uint8, similarity in [0, 1] * 255
+
+
+def map_path(folder: Path, fixed: str, moving: str) -> Path:
+    return folder / MAPS_DIR / f"{fixed}__{moving}.npz"
+
+
+def write_pair_map(folder: Path, pair_map: PackedMap) -> Path:
+    path = map_path(folder, pair_map.fixed, pair_map.moving)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f"{path.stem}.partial.npz")
+    np.savez_compressed(
+        partial,
+        affine=pair_map.affine.astype(np.float64),
+        field=pair_map.field.astype(np.float16),
+        field_origin=np.asarray(pair_map.field_origin, np.float64),
+        field_spacing=np.asarray(pair_map.field_spacing, np.float64),
+        valid_lo_mm=np.asarray(pair_map.valid_lo_mm, np.float64),
+        valid_hi_mm=np.asarray(pair_map.valid_hi_mm, np.float64),
+        confidence=pair_map.confidence.astype(np.uint8),
+    )
+    partial.replace(path)
+    return path
+
+
+def read_pair_maps(folder: Path) -> list[PackedMap]:
+    """Every packed map of ``folder`` (none when it holds no ``maps/``), in name order."""
+    maps = []
+    for path in sorted((folder / MAPS_DIR).glob("*__*.npz")):
+        if path.name.endswith(".partial.npz"):
+            continue  # a write that was stopped
+        fixed, _, moving = path.stem.partition("__")
+        with np.load(path) as data:
+            maps.append(PackedMap(fixed, moving, **{key: data[key] for key in data.files}))
+    return maps
 
 
 def folder_size_mb(folder: Path) -> float:

@@ -43,6 +43,12 @@ def markdown(report: dict) -> str:
                 f"{train['weights']['sha256'][:12]}…) |",
                 "",
             ]
+            if train.get("pair_maps"):
+                lines += [
+                    f"Cross-patient crop pairs: {train['cross_pairs']} drawn through "
+                    f"{train['pair_maps']} packed maps (share {settings['cross_share']}).",
+                    "",
+                ]
     for part in ("tests", "bench", "train"):
         if isinstance(report.get(part), dict) and "error" in report[part] and part != "train":
             lines += [f"**{part} failed**: {report[part]['error']}", ""]

@@ -9,7 +9,9 @@ Parts, in order, each with its share of ``--budget-s`` (time a part leaves unuse
 2. ``bench``: every stage timed on the packed validation pairs (``bench.py``), for each variant,
    after a warm-up, with Dice checked against the CPU result that ``pack.py`` stored;
 3. ``train``: SAM trained on the packed volumes (``train_sam_gpu.py``), in a child process, with
-   its weights written as shards into the output folder every minute.
+   its weights written as shards into the output folder every minute; with ``--variant cross``
+   and packed maps (``pack.py --pair-maps``), ``--cross-share`` of its crop pairs span two
+   patients through the maps.
 
 Everything lands flat in ``--out`` (at most 8 files come back from the machine): ``report.json``
 and ``report.md`` (everything measured), ``kit.log`` (all output), ``train_log.tsv`` and the
@@ -60,6 +62,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--device", default="auto", help="auto, cuda, cuda:N or cpu")
     parser.add_argument("--variant", choices=("official", "cross"), default="official")
+    parser.add_argument(
+        "--cross-share",
+        type=float,
+        default=0.5,
+        help="cross variant with packed maps (pack.py --pair-maps): cross-patient pair share (0.5)",
+    )
     parser.add_argument("--tiny", action="store_true", help="tiny settings: the kit on the CPU")
     args = parser.parse_args(argv)
     args.budget_s = args.budget_s or (50.0 if args.tiny else 540.0)
@@ -175,6 +183,8 @@ def run_bench(args: argparse.Namespace, deadline: float, device: torch.device, l
 
 
 def run_train(args: argparse.Namespace, budget_s: float, log: Log) -> dict:
+    import packed
+
     if torch.cuda.is_available():
         torch.cuda.empty_cache()  # the child trains on the same GPU: hand back the bench's cache
     command = [
@@ -182,6 +192,10 @@ def run_train(args: argparse.Namespace, budget_s: float, log: Log) -> dict:
         "--out", str(args.out), "--budget-s", f"{budget_s:.0f}", "--device", args.device,
         "--variant", args.variant,
     ]  # fmt: skip
+    maps = len(packed.read_pair_maps(args.data)) if args.variant == "cross" else 0
+    if maps:
+        command += ["--cross-share", str(args.cross_share)]
+        log(f"train: {args.cross_share:.0%} cross-patient pairs through {maps} packed maps")
     if args.tiny:
         command += ["--tiny", "--checkpoint-s", str(max(budget_s / 2, 1.0))]
     tick = time.perf_counter()

@@ -21,13 +21,16 @@ as byte shards of at most 15 MiB (``sam_gpu.pth.part0``, ``.part1``, ...) that r
 ones; the last write is the final model. Join them with ``cat sam_gpu.pth.part* > sam_gpu.pth``
 and register with ``--features sam --weights sam_gpu.pth``.
 
-Pair sources are pluggable (``PairSource``): ``SelfPairs`` draws two crops of one volume. A
-map-based cross-patient source would read, per training pair, ``maps/<fixed>__<moving>.npz``
-holding ``affine`` (4 x 4, fixed -> moving LPS mm), ``field`` (3, d, h, w) float16 displacement in
-mm with ``field_spacing`` and ``field_origin`` (x, y, z) on an axis-aligned grid over the fixed
-volume (the map is ``p -> affine (p + field(p))``, the library's convention), and optionally
-``confidence`` (d, h, w) uint8; since its correspondences are not axis-aligned, it needs its own
-positive lookup in the loss (the library's ``nearest_partners`` assumes the two views share axes).
+Pair sources are pluggable (``PairSource``): ``SelfPairs`` draws two crops of one volume;
+``CrossPairs`` makes a share of the crop pairs (``--cross-share``, 0.5 by default with ``--variant
+cross`` when the data folder holds packed maps, ``pack.py --pair-maps``) cross-patient, as the
+library's ``train/cross_patient.py`` does: both views are laid out in the fixed volume's space, the
+first shows the fixed volume and the second the moving volume pulled through the map
+``p -> affine (p + field(p))`` (rendered on the device by trilinear sampling), so the two views
+share one frame and the loss finds positives as for two crops of one volume. The global loss uses
+every valid voxel (positives within its radius); the local loss only voxels where the map's local
+similarity reaches ``--min-similarity`` (0.3), with the library's cross-patient positive radius
+(8 mm) and ignore radius (20 mm). The remaining pairs are ``SelfPairs``.
 """
 
 from __future__ import annotations
@@ -87,6 +90,8 @@ class TrainSettings:
     precision: str = "bf16"  # bf16, fp16 (with loss scaling) or fp32; autocast on CUDA only
     variant: str = "official"  # or cross
     probe_weight: float = 1.0
+    cross_share: float = 0.5  # with --variant cross and packed maps: cross-patient crop pairs
+    min_similarity: float = 0.3  # the local loss of cross pairs trusts the map from here on
     seed: int = 0
     crops: CropConfig = CropConfig()
     loss: LossConfig = LossConfig()
@@ -108,6 +113,16 @@ class PairSource(Protocol):
     def draw(self, rng: np.random.Generator) -> PairBatch: ...
 
 
+@dataclass
+class CropPair:
+    """The two rendered views of one crop pair (images on the device) with their geometry."""
+
+    images: list[torch.Tensor]  # two (1, D, H, W)
+    views: list[View]  # geometry and validity (``reliable`` where the local loss may use a voxel)
+    name: str
+    cross_patient: bool
+
+
 class SelfPairs:
     """Two crops of one volume (SAM's pairs), rendered on the device from the packed volumes."""
 
@@ -124,16 +139,20 @@ class SelfPairs:
         self.crops, self.pairs, self.device, self.body_only = crops, pairs, device, body_only
 
     def draw(self, rng: np.random.Generator) -> PairBatch:
-        chosen = rng.choice(len(self.volumes), self.pairs, replace=self.pairs > len(self.volumes))
-        images, views, names = [], [], []
-        for index in chosen:
-            volume = self.volumes[index]
-            for geometry in draw_pair_geometry(rng, volume, self.crops):
-                image, valid = self._render(index, geometry, rng)
-                images.append(image)
-                views.append(View(None, geometry.axes_mm(), valid))  # type: ignore[arg-type]
-            names.append(volume.name)
-        return _batch(torch.stack(images), views, names, self.device)
+        chosen = self.choose(rng)
+        return _batch([self.pair(int(index), rng) for index in chosen], self.device)
+
+    def choose(self, rng: np.random.Generator) -> np.ndarray:
+        """The volumes of one step's pairs: different ones while there are enough."""
+        return rng.choice(len(self.volumes), self.pairs, replace=self.pairs > len(self.volumes))
+
+    def pair(self, index: int, rng: np.random.Generator) -> CropPair:
+        images, views = [], []
+        for geometry in draw_pair_geometry(rng, self.volumes[index], self.crops):
+            image, valid = self._render(index, geometry, rng)
+            images.append(image)
+            views.append(View(None, geometry.axes_mm(), valid))  # type: ignore[arg-type]
+        return CropPair(images, views, self.volumes[index].name, cross_patient=False)
 
     def _render(
         self, index: int, geometry: ViewGeometry, rng: np.random.Generator
@@ -163,11 +182,138 @@ class SelfPairs:
         return image, valid
 
 
-def _batch(
-    images: torch.Tensor, views: list[View], names: list[str], device: torch.device
-) -> PairBatch:
-    """The library's batch layout, with its loss targets (``views.feature_targets``)."""
-    local = [feature_targets(v, LOCAL_STRIDE, LOCAL_OFFSET) for v in views]
+class CrossPairs:
+    """With probability ``share`` per crop pair, a cross-patient pair through a random packed map
+    (``train/cross_patient.py`` on the device); otherwise a pair of ``SelfPairs``."""
+
+    def __init__(
+        self,
+        self_pairs: SelfPairs,
+        maps: list[packed.PackedMap],
+        share: float,
+        min_similarity: float,
+    ) -> None:
+        index = {volume.name: i for i, volume in enumerate(self_pairs.volumes)}
+        missing = sorted({n for m in maps for n in (m.fixed, m.moving)} - set(index))
+        if missing:
+            raise ValueError(
+                f"packed maps name volumes that are not packed for training ({missing[0]}, ...); "
+                "pack the training volumes and the maps together (pack.py --pair-maps)"
+            )
+        device = self_pairs.device
+        self.self_pairs, self.share, self.min_similarity = self_pairs, share, min_similarity
+        self.maps = [
+            _DeviceMap(index[m.fixed], index[m.moving], m, device) for m in maps
+        ]  # fmt: skip
+        self.cross_drawn = 0
+
+    def draw(self, rng: np.random.Generator) -> PairBatch:
+        pairs = []
+        for index in self.self_pairs.choose(rng):
+            if rng.random() < self.share:
+                pairs.append(self.cross_pair(self.maps[rng.integers(len(self.maps))], rng))
+                self.cross_drawn += 1
+            else:
+                pairs.append(self.self_pairs.pair(int(index), rng))
+        return _batch(pairs, self.self_pairs.device)
+
+    def cross_pair(self, pair_map: _DeviceMap, rng: np.random.Generator) -> CropPair:
+        source = self.self_pairs
+        fixed, moving = source.volumes[pair_map.fixed], source.volumes[pair_map.moving]
+        first, second = draw_pair_geometry(rng, fixed, source.crops)
+        image, valid = source._render(pair_map.fixed, first, rng)
+        moved, moved_valid, reliable = self._render_through_map(pair_map, second, rng)
+        views = [
+            View(None, first.axes_mm(), valid),  # type: ignore[arg-type]
+            View(None, second.axes_mm(), moved_valid, reliable),  # type: ignore[arg-type]
+        ]
+        return CropPair([image, moved], views, f"{fixed.name} <- {moving.name}", cross_patient=True)
+
+    def _render_through_map(
+        self, pair_map: _DeviceMap, geometry: ViewGeometry, rng: np.random.Generator
+    ) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+        """The moving volume on a fixed-space view through the map: (image, valid, reliable).
+
+        Valid where the view point lies in the map's box and its image in the moving volume (and,
+        with ``body_only``, in its body); reliable where the map's confidence reaches
+        ``min_similarity``."""
+        source = self.self_pairs
+        device = source.device
+        axes = [torch.as_tensor(a, dtype=torch.float32, device=device) for a in geometry.axes_mm()]
+        z, y, x = torch.meshgrid(*axes, indexing="ij")
+        points = torch.stack([x, y, z], dim=-1)  # (D, H, W, 3), x, y, z mm
+        field = _sample_at(pair_map.field, pair_map.field_origin, pair_map.field_spacing, points)
+        moved = (points + field.permute(1, 2, 3, 0)) @ pair_map.linear.T + pair_map.translation
+        volume = source.volumes[pair_map.moving]
+        tensor = source.tensors[pair_map.moving].float()
+        origin = torch.as_tensor(volume.origin, dtype=torch.float32, device=device)
+        spacing = torch.as_tensor(volume.spacing, dtype=torch.float32, device=device)
+        image = _sample_at(tensor, origin, spacing, moved, padding="zeros")
+        image = image - packed.SAM_OFFSET  # outside the volume: air, as in SelfPairs
+        if source.crops.noise_std > 0:
+            image = image + torch.randn_like(image) * float(rng.uniform(0, source.crops.noise_std))
+        index = (moved - origin) / spacing
+        size = torch.as_tensor(tensor.shape[2:][::-1], dtype=torch.float32, device=device)
+        valid = ((index >= -0.5) & (index <= size - 0.5)).all(dim=-1)
+        valid &= ((points >= pair_map.valid_lo) & (points <= pair_map.valid_hi)).all(dim=-1)
+        if source.body_only:
+            body = _sample_at(tensor, origin, spacing, moved, padding="zeros", mode="nearest")
+            valid &= body[0] > 0
+        confidence = _sample_at(
+            pair_map.confidence, pair_map.field_origin, pair_map.field_spacing, points
+        )
+        reliable = confidence[0] >= self.min_similarity * 255
+        return image, valid.cpu().numpy(), reliable.cpu().numpy()
+
+
+class _DeviceMap:
+    """A packed map on the device: ``p -> linear (p + field(p)) + translation``."""
+
+    def __init__(
+        self, fixed: int, moving: int, pair_map: packed.PackedMap, device: torch.device
+    ) -> None:
+        def tensor(values) -> torch.Tensor:
+            return torch.as_tensor(np.asarray(values, np.float32), device=device)
+
+        self.fixed, self.moving = fixed, moving
+        self.linear = tensor(pair_map.affine[:3, :3])
+        self.translation = tensor(pair_map.affine[:3, 3])
+        self.field = tensor(pair_map.field)[None]  # (1, 3, d, h, w)
+        self.confidence = tensor(pair_map.confidence)[None, None]
+        self.field_origin, self.field_spacing = (
+            tensor(pair_map.field_origin),
+            tensor(pair_map.field_spacing),
+        )
+        self.valid_lo, self.valid_hi = tensor(pair_map.valid_lo_mm), tensor(pair_map.valid_hi_mm)
+
+
+def _sample_at(
+    volume: torch.Tensor,
+    origin: torch.Tensor,
+    spacing: torch.Tensor,
+    points: torch.Tensor,
+    padding: str = "border",
+    mode: str = "bilinear",
+) -> torch.Tensor:
+    """Trilinear (or nearest) values of a (1, C, d, h, w) volume on an identity-direction grid at
+    points (D, H, W, 3) x, y, z mm -> (C, D, H, W); outside, the border value or zero."""
+    size = torch.as_tensor(volume.shape[2:][::-1], dtype=torch.float32, device=points.device)
+    grid = (points - origin) / spacing / (size - 1).clamp_min(1) * 2 - 1
+    return F.grid_sample(volume, grid[None], mode=mode, padding_mode=padding, align_corners=True)[0]
+
+
+def _batch(pairs: list[CropPair], device: torch.device) -> PairBatch:
+    """The library's batch layout, with its loss targets (as ``views.collate_views``: the local
+    targets only where a view is ``reliable``)."""
+    views = [view for pair in pairs for view in pair.views]
+    local = [
+        feature_targets(
+            v if v.reliable is None else View(v.image, v.axes_mm, v.valid & v.reliable),
+            LOCAL_STRIDE,
+            LOCAL_OFFSET,
+        )
+        for v in views
+    ]
     global_ = [feature_targets(v, GLOBAL_STRIDE, GLOBAL_OFFSET) for v in views]
 
     def axes(targets):
@@ -179,7 +325,16 @@ def _batch(
     def valid(targets):
         return torch.as_tensor(np.stack([t[1] for t in targets])).to(device)
 
-    return PairBatch(images, axes(local), valid(local), axes(global_), valid(global_), names)
+    images = torch.stack([image for pair in pairs for image in pair.images])
+    return PairBatch(
+        images,
+        axes(local),
+        valid(local),
+        axes(global_),
+        valid(global_),
+        [pair.name for pair in pairs],
+        [pair.cross_patient for pair in pairs],
+    )
 
 
 def position_probe_loss(
@@ -247,15 +402,23 @@ def train(
     checkpoint_s: float = 60.0,
     source: PairSource | None = None,
     log=print,
+    maps: list[packed.PackedMap] | None = None,
 ) -> dict:
-    """Train until ``budget_s`` has passed; returns what was measured and where the weights are."""
+    """Train until ``budget_s`` has passed; returns what was measured and where the weights are.
+
+    With ``--variant cross`` and ``maps``, ``settings.cross_share`` of the crop pairs are
+    cross-patient (``CrossPairs``)."""
     start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(settings.seed)
     rng = np.random.default_rng(settings.seed)
     cross = settings.variant == "cross"
     loss_config = replace(settings.loss, local_ignore_mm=20.0) if cross else settings.loss
-    source = source or SelfPairs(volumes, settings.crops, settings.batch, device, body_only=cross)
+    if source is None:
+        source = SelfPairs(volumes, settings.crops, settings.batch, device, body_only=cross)
+        if cross and maps and settings.cross_share > 0:
+            source = CrossPairs(source, maps, settings.cross_share, settings.min_similarity)
+            log(f"  cross-patient pairs: {settings.cross_share:.0%} through {len(maps)} maps")
     model = SAMNetwork(settings.width, settings.embedding_dim).to(device).train()
     probe = torch.nn.Linear(settings.embedding_dim, 3).to(device) if cross else None
     parameters = list(model.parameters()) + (list(probe.parameters()) if probe else [])
@@ -270,6 +433,8 @@ def train(
     autocast = cuda and dtype is not None
     scaler = torch.amp.GradScaler("cuda", enabled=autocast and dtype == torch.float16)
     meta = {"regime": "official", "variant": settings.variant, "volumes": len(volumes)}
+    if isinstance(source, CrossPairs):
+        meta.update(pair_maps=len(source.maps), cross_share=settings.cross_share)
     iteration, last_checkpoint, curve, weights = 0, time.perf_counter(), [], {}
     step_times: list[float] = []
     with open(out / LOG_NAME, "w") as log_file:
@@ -327,6 +492,8 @@ def train(
         "final_loss": curve[-1][2] if curve else None,
         "loss_curve": curve[:: max(1, len(curve) // 50)],
         "weights": weights,
+        "pair_maps": meta.get("pair_maps", 0),
+        "cross_pairs": getattr(source, "cross_drawn", 0),
     }
     if cuda:
         result["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
@@ -344,6 +511,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant")
     parser.add_argument("--batch", type=int, default=3)
     parser.add_argument("--width", type=float, default=0.5)
+    parser.add_argument(
+        "--cross-share",
+        type=float,
+        default=None,
+        help="share of cross-patient crop pairs (cross variant with packed maps: 0.5)",
+    )
+    parser.add_argument("--min-similarity", type=float, default=0.3)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--tiny", action="store_true", help="a tiny network and crops (CPU smoke)")
     return parser.parse_args(argv)
@@ -356,6 +530,8 @@ def settings_from_args(args: argparse.Namespace) -> TrainSettings:
         precision=args.precision,
         lr_schedule=args.lr_schedule,
         variant=args.variant,
+        cross_share=0.5 if args.cross_share is None else args.cross_share,
+        min_similarity=args.min_similarity,
     )
     return replace(settings, **TINY) if args.tiny else settings
 
@@ -370,8 +546,26 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    maps = packed.read_pair_maps(args.data) if args.variant == "cross" else []
+    if args.cross_share is not None and not 0 <= args.cross_share <= 1:
+        print(f"error: --cross-share {args.cross_share} is not a share in [0, 1]", file=sys.stderr)
+        return 2
+    if args.cross_share and not maps:
+        folder = args.data / packed.MAPS_DIR
+        print(
+            f"error: --cross-share needs --variant cross and packed maps in {folder}; "
+            "pack them with 'pack.py --pair-maps CACHE'",
+            file=sys.stderr,
+        )
+        return 2
     result = train(
-        volumes, args.out, settings_from_args(args), args.budget_s, device, args.checkpoint_s
+        volumes,
+        args.out,
+        settings_from_args(args),
+        args.budget_s,
+        device,
+        args.checkpoint_s,
+        maps=maps,
     )
     print(json.dumps(result))
     return 0
