@@ -15,9 +15,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import SimpleITK as sitk
 import torch
 
 from SAMERegistrationLib.features.sam_network import load_sam_checkpoint
+from SAMERegistrationLib.synthetic import make_phantom
 
 REPO = Path(__file__).resolve().parent.parent
 KIT = REPO / "benchmarks" / "device"
@@ -322,3 +324,85 @@ def test_cross_variant_with_packed_maps_trains_on_cross_patient_pairs(phantoms, 
     shards = sorted(out.glob("sam_gpu.pth.part*"))
     (out / "sam.pth").write_bytes(b"".join(p.read_bytes() for p in shards))
     assert all(torch.isfinite(p).all() for p in load_sam_checkpoint(out / "sam.pth").parameters())
+
+
+def _write_scan(path: Path, seed: int, origin) -> sitk.Image:
+    image, _ = make_phantom(size_xyz=(36, 32, 24), spacing=3.0, seed=seed)
+    image.SetOrigin(origin)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(image, str(path))
+    return image
+
+
+def _write_cache(cache: Path, scans: list[Path], pairs: list[tuple[int, int]], affine) -> None:
+    """A pair-map cache as sam-pair-maps writes it, with a known map: ``affine`` after a field
+    linear in position, and a similarity ramp along x."""
+    from SAMERegistrationLib.grid import Grid
+    from SAMERegistrationLib.train import pair_maps
+
+    identities = [pair_maps.ScanIdentity.of(path) for path in scans]
+    registration = dict(pair_maps.DEFAULT_REGISTRATION)
+    pair_maps.write_manifest(cache, identities, pairs, 0, registration)
+    for index, (fixed, moving) in enumerate(pairs):
+        grid = Grid.from_sitk(sitk.ReadImage(str(scans[fixed])))
+        points = grid.voxel_centres()  # (z, y, x, 3)
+        dense = np.moveaxis(points @ np.diag([0.02, -0.01, 0.03]) + [1.5, -2.0, 0.5], -1, 0)
+        similarity = (points[..., 0] - points[..., 0].min()) / np.ptp(points[..., 0]) * 2 - 1
+        pair_map = pair_maps.PairMap(identities[fixed], identities[moving], affine,
+                                     dense.astype(np.float16), similarity.astype(np.float16),
+                                     grid)  # fmt: skip
+        meta = {"format": pair_maps.ENTRY_FORMAT, "status": "done", "fixed": identities[fixed].to_dict(),
+                "moving": identities[moving].to_dict(), "registration": registration,
+                "grid": grid.to_dict()}  # fmt: skip
+        pair_maps.write_entry(pair_maps.entry_path(cache, index), meta, pair_map)
+
+
+def test_pack_keeps_the_maps_between_packed_training_volumes_and_refuses_a_foreign_cache(tmp_path):
+    """Known answer: the packed coarse map, applied as the trainer applies it, sends points where
+    the library's map does; a pair with a scan left out of the packed volumes is skipped; a cache
+    built from other scans is refused by name and the packed maps stay as they were."""
+    from SAMERegistrationLib.train.pair_maps import MANIFEST, entry_path, read_map
+
+    packed, kit = _kit_modules()
+    shared, data, cache = tmp_path / "shared", tmp_path / "data", tmp_path / "cache"
+    scans = [shared / "openkbp" / "train_pt_1_ct.nii.gz", shared / "openkbp" / "train_pt_2_ct.nii.gz",
+             shared / "popi" / "popi_phase00_ct_2mm.nii.gz"]  # fmt: skip
+    for seed, path in enumerate(scans):
+        _write_scan(path, seed, (10.0 * seed, -5.0 * seed, 3.0 * seed))
+    affine = np.array(
+        [[1.05, 0.1, 0, 4.0], [-0.1, 0.95, 0.05, -3.0], [0, 0, 1.1, 2.0], [0, 0, 0, 1]]
+    )
+    _write_cache(cache, scans, [(0, 2), (0, 1)], affine)  # train_pt_2 is left out below
+    _run([sys.executable, KIT / "pack.py", "--shared", shared, "--data", data, "--parts", "train",
+          "--train-limit", 1, "--pair-maps", cache], env=_environment())  # fmt: skip
+    [pair_map] = packed.read_pair_maps(data)
+    assert (pair_map.fixed, pair_map.moving) == ("train_pt_1_ct", "popi_phase00_ct_2mm")
+    assert pair_map.field.dtype == np.float16 and pair_map.confidence.dtype == np.uint8
+    library = read_map(entry_path(cache, 0))
+    points = library.grid.voxel_centres()[::3, ::3, ::3]
+    volumes = packed.read_training(data)
+    self_pairs = kit.SelfPairs(volumes, kit.CropConfig(), 1, torch.device("cpu"))
+    device_map = kit.CrossPairs(self_pairs, [pair_map], 1.0, 0.3).maps[0]
+    mapped = device_map.map_points(torch.as_tensor(points, dtype=torch.float32)).numpy()
+    expected = library.map_points(points.reshape(-1, 3)).reshape(points.shape)
+    assert np.abs(mapped - expected).max() < 0.05  # mm: a linear field survives the coarse grid
+    coarse_x = pair_map.field_origin[0] + pair_map.field_spacing[0] * np.arange(
+        pair_map.confidence.shape[2]
+    )
+    lo, hi = library.grid.corners()[:, 0].min(), library.grid.corners()[:, 0].max()
+    ramp = np.clip((np.clip(coarse_x, lo, hi) - lo) / (hi - lo) * 2 - 1, 0, 1) * 255
+    assert np.abs(pair_map.confidence[5, 5].astype(float) - ramp).max() <= 1.5
+
+    foreign = tmp_path / "foreign"
+    other = tmp_path / "elsewhere" / "validation_pt_9_ct.nii.gz"
+    _write_scan(other, 5, (0.0, 0.0, 0.0))
+    _write_cache(foreign, [scans[0], other], [(0, 1)], affine)
+    before = {p.name: p.read_bytes() for p in (data / packed.MAPS_DIR).iterdir()}
+    done = subprocess.run(
+        [sys.executable, KIT / "pack.py", "--shared", shared, "--data", data, "--parts", "maps",
+         "--pair-maps", foreign],
+        cwd=REPO, capture_output=True, text=True, env=_environment(), timeout=600,
+    )  # fmt: skip
+    assert done.returncode != 0
+    assert str(foreign / MANIFEST) in done.stderr and "other scans" in done.stderr
+    assert {p.name: p.read_bytes() for p in (data / packed.MAPS_DIR).iterdir()} == before

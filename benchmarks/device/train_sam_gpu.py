@@ -242,8 +242,7 @@ class CrossPairs:
         axes = [torch.as_tensor(a, dtype=torch.float32, device=device) for a in geometry.axes_mm()]
         z, y, x = torch.meshgrid(*axes, indexing="ij")
         points = torch.stack([x, y, z], dim=-1)  # (D, H, W, 3), x, y, z mm
-        field = _sample_at(pair_map.field, pair_map.field_origin, pair_map.field_spacing, points)
-        moved = (points + field.permute(1, 2, 3, 0)) @ pair_map.linear.T + pair_map.translation
+        moved = pair_map.map_points(points)
         volume = source.volumes[pair_map.moving]
         tensor = source.tensors[pair_map.moving].float()
         origin = torch.as_tensor(volume.origin, dtype=torch.float32, device=device)
@@ -285,6 +284,11 @@ class _DeviceMap:
             tensor(pair_map.field_spacing),
         )
         self.valid_lo, self.valid_hi = tensor(pair_map.valid_lo_mm), tensor(pair_map.valid_hi_mm)
+
+    def map_points(self, points: torch.Tensor) -> torch.Tensor:
+        """Fixed-space points (D, H, W, 3), x, y, z mm, to moving space."""
+        field = _sample_at(self.field, self.field_origin, self.field_spacing, points)
+        return (points + field.permute(1, 2, 3, 0)) @ self.linear.T + self.translation
 
 
 def _sample_at(
