@@ -1,6 +1,7 @@
 """Train SAM on a GPU from the packed volumes, within a time budget (torch and numpy only).
 
     python benchmarks/device/train_sam_gpu.py --out "$OUT" --budget-s 300
+    python benchmarks/device/train_sam_gpu.py --out "$OUT" --variant cross  # + packed maps if any
     python benchmarks/device/train_sam_gpu.py --out /tmp/t --tiny          # CPU smoke run
 
 The official regime (sam-cross-patient.md section 1): width 0.5, SGD lr 0.02 with momentum 0.9 and
@@ -194,17 +195,9 @@ class CrossPairs:
         min_similarity: float,
     ) -> None:
         index = {volume.name: i for i, volume in enumerate(self_pairs.volumes)}
-        missing = sorted({n for m in maps for n in (m.fixed, m.moving)} - set(index))
-        if missing:
-            raise ValueError(
-                f"packed maps name volumes that are not packed for training ({missing[0]}, ...); "
-                "pack the training volumes and the maps together (pack.py --pair-maps)"
-            )
         device = self_pairs.device
         self.self_pairs, self.share, self.min_similarity = self_pairs, share, min_similarity
-        self.maps = [
-            _DeviceMap(index[m.fixed], index[m.moving], m, device) for m in maps
-        ]  # fmt: skip
+        self.maps = [_DeviceMap(index[m.fixed], index[m.moving], m, device) for m in maps]
         self.cross_drawn = 0
 
     def draw(self, rng: np.random.Generator) -> PairBatch:
@@ -551,6 +544,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     maps = packed.read_pair_maps(args.data) if args.variant == "cross" else []
+    names = {volume.name for volume in volumes}
+    stray = [m for m in maps if not {m.fixed, m.moving} <= names]
+    if stray:
+        path = packed.map_path(args.data, stray[0].fixed, stray[0].moving)
+        print(
+            f"error: the packed map {path} joins volumes that are not packed for training; "
+            "pack the training volumes and the maps together (pack.py --pair-maps)",
+            file=sys.stderr,
+        )
+        return 2
     if args.cross_share is not None and not 0 <= args.cross_share <= 1:
         print(f"error: --cross-share {args.cross_share} is not a share in [0, 1]", file=sys.stderr)
         return 2
