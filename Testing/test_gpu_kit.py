@@ -310,11 +310,14 @@ def test_cross_variant_with_packed_maps_trains_on_cross_patient_pairs(phantoms, 
     packed.write_pair_map(
         data, _coarse_map(packed, "phantom_0", "phantom_1", affine, [0, 0, 0], lo, hi)
     )
+    blocker = tmp_path / "block"  # as on the device machine: no SimpleITK
+    blocker.mkdir()
+    (blocker / "sitecustomize.py").write_text(BLOCK_SIMPLEITK)
     out = tmp_path / "out"
     done = subprocess.run(
         [sys.executable, KIT / "train_sam_gpu.py", "--data", data, "--out", out, "--tiny",
          "--variant", "cross", "--cross-share", "1", "--budget-s", "1", "--device", "cpu"],
-        cwd=REPO, capture_output=True, text=True, env=_environment(), timeout=600,
+        cwd=REPO, capture_output=True, text=True, env=_environment(blocker), timeout=600,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
