@@ -288,7 +288,9 @@ def test_cross_pair_through_a_rotation_puts_both_views_of_a_landmark_on_the_same
     cross = kit.CrossPairs(self_pairs, [pair_map], share=1.0, min_similarity=0.3)
     geometry = kit.ViewGeometry(tuple(centre - np.array([15.5, 15.5, 7.5]) * 2.0), 2.0, crops.patch)
     fixed_view, _ = self_pairs._render(0, geometry, np.random.default_rng(0))
-    moving_view, valid, _ = cross._render_through_map(cross.maps[0], geometry, None)
+    moving_view, valid, _ = cross._render_through_map(
+        cross.maps[0], geometry, np.random.default_rng(0)
+    )
     assert valid.all()
     z, y, x = np.meshgrid(*geometry.axes_mm(), indexing="ij")
     for view in (fixed_view, moving_view):
