@@ -243,7 +243,8 @@ def _match_and_fit(
                            context, stages)  # fmt: skip
     if not config.affine.enabled:
         stages["affine"] = skipped("disabled", "initial alignment kept")
-    _check_overlap(context.fixed, context.moving, alignment.affine)
+    share = _check_overlap(context.fixed, context.moving, alignment.affine)
+    stages["affine"]["overlap_share"] = round(share, 3)
     return alignment
 
 
@@ -258,8 +259,9 @@ def _check_shared_anatomy(matches, min_share: float) -> None:
         )
 
 
-def _check_overlap(fixed: WorkingImage, moving: WorkingImage, affine: np.ndarray) -> None:
-    """Refuse an alignment that leaves most of the smaller body off the other body."""
+def _check_overlap(fixed: WorkingImage, moving: WorkingImage, affine: np.ndarray) -> float:
+    """The share of the smaller body on the other body; an alignment that leaves most of it off
+    is refused."""
     share = fallback.overlap_share(fixed, moving, affine)
     if share < fallback.MIN_OVERLAP:
         raise RegistrationFailed(
@@ -267,6 +269,7 @@ def _check_overlap(fixed: WorkingImage, moving: WorkingImage, affine: np.ndarray
             "The scans probably show different body regions or share too little anatomy. Check "
             "the inputs; if they do overlap, try the other feature type or a finer working grid."
         )
+    return share
 
 
 def _dice_report(result: RegistrationResult, fixed: sitk.Image, moving: sitk.Image) -> dict:

@@ -121,6 +121,7 @@ def test_masked_moving_scan_is_not_refused_for_its_small_body(openkbp, one_threa
     """validation 213 is masked to a box: its body covers a fifth of 238's, all of it shared."""
     result = register_pair(openkbp, "238", "213")
     assert "fallback" not in result.stages
+    assert result.stages["affine"]["overlap_share"] > 0.8  # of 213's body, under the affine
     assert result.metrics["mean_dice_after"] > 0.45, result.metrics
 
 
