@@ -85,6 +85,7 @@ class InitialPose:
     fixed_coarse: CoarseCT | None = None
     moving_coarse: CoarseCT | None = None
     similarity: float | None = None
+    start: np.ndarray | None = None  # the pose in the re-oriented frame, trusted or not
 
     def compose(self, affine: np.ndarray) -> np.ndarray:
         """The fixed -> original-moving affine from one found on the re-oriented image."""
@@ -170,6 +171,7 @@ def find_initial_pose(
         fixed_coarse=fixed_coarse,
         moving_coarse=moving_coarse,
         similarity=similarity,
+        start=np.linalg.inv(reorientation) @ pose,
     )
 
 

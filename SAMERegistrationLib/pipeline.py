@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -30,6 +30,7 @@ from .stages import (
     ProgressCallback,
     StageContext,
     deform,
+    fallback,
     initial,
     seconds_since,
     skipped,
@@ -40,8 +41,6 @@ from .working import WorkingImage
 log = logging.getLogger(__name__)
 
 __all__ = ["STEPS", "ProgressCallback", "register", "pre_align"]
-
-MIN_OVERLAP = 0.2  # share of the fixed body that the moved moving body must cover
 
 
 def register(
@@ -97,7 +96,15 @@ def register(
 
     with memory_guard(device, config.working_spacing_mm):
         pre = pre_align(
-            fixed_image, moving_image, config, extractor, device, context, clock, pose.prior
+            fixed_image,
+            moving_image,
+            config,
+            extractor,
+            device,
+            context,
+            clock,
+            pose.prior,
+            pose.start,
         )
         stages = {"initial_pose": pose.info, **pre.stages}
         alignment = run_stages(("deform", "instance"), pre.fixed_maps, pre.moving_maps,
@@ -116,7 +123,7 @@ def register(
         fixed_features=pre.fixed_maps,
         moving_features=pre.moving_maps,
     )
-    result.warnings = pose.warnings + pose.final_warnings(result.affine)
+    result.warnings = pose.warnings + pre.warnings + pose.final_warnings(result.affine)
     for warning in result.warnings:
         log.warning(warning)
     result.metrics["folding_percent"] = result.alignment.folding_percent(pre.fixed.body)
@@ -148,6 +155,7 @@ class PreAlignment:
     alignment: Alignment  # on fixed.grid: the affine and the coarse field (or zero)
     stages: dict[str, dict]
     coarse: tuple[torch.Tensor, Grid] | None = None  # the coarse field (mm) on its own grid
+    warnings: list[str] = field(default_factory=list)  # a fallback path taken, for the user
 
 
 def pre_align(
@@ -159,15 +167,18 @@ def pre_align(
     context: StageContext | None = None,
     clock: float | None = None,
     pose: np.ndarray | None = None,
+    pose_start: np.ndarray | None = None,
 ) -> PreAlignment:
     """Working grids, features, initial alignment, matching, and the affine and coarse stages.
 
     ``config`` must be resolved for the extractor's feature type (``resolved``) and the images
     checked with ``check_ct``; ``clock`` is when the preparation started, for its timing; ``pose``
-    is a rigid fixed -> moving pose from HU (``initial_pose``) that checks the initial translation.
+    is a rigid fixed -> moving pose from HU (``initial_pose``) that checks the initial translation;
+    ``pose_start`` is that pose however weak its fit, one start of the fallback paths.
     """
     context = context or StageContext(device=device)
-    context.pose = pose
+    context.pose, context.pose_start = pose, pose_start
+    warnings: list[str] = []
     report = context.report
     clock = time.perf_counter() if clock is None else clock
     stages: dict[str, dict] = {}
@@ -192,28 +203,49 @@ def pre_align(
     alignment, info = initial.run(fixed_maps, moving_maps, alignment, config, context)
     stages["initial"] = {"seconds": seconds_since(clock), **info}
 
-    clock = time.perf_counter()
-    report("matching", 0, 1)
-    context.matches = find_matches(
-        fixed_maps, moving_maps, config.matching, alignment.affine,
-        config.matching.search_radius_mm, device,
-    )  # fmt: skip
-    report("matching", 1, 1)
-    stages["matching"] = {"seconds": seconds_since(clock), **context.matches.summary()}
-    _check_shared_anatomy(context.matches, config.matching.min_match_share)
-
-    alignment = run_stages(("affine",), fixed_maps, moving_maps, alignment, config,
-                           context, stages)  # fmt: skip
-    if not config.affine.enabled:
-        stages["affine"] = skipped("disabled", "initial alignment kept")
+    try:
+        alignment = _match_and_fit(fixed_maps, moving_maps, alignment, config, context, stages)
+    except RegistrationFailed as refusal:
+        if not config.affine.enabled:
+            raise
+        clock = time.perf_counter()
+        alignment, info = fallback.run(fixed_maps, moving_maps, alignment, config, context, refusal)
+        stages["fallback"] = {"seconds": seconds_since(clock), **info}
+        stages["affine"] = {"status": "done", **info.pop("affine"), "fallback": info["path"]}
+        warnings.append(
+            f"The first alignment was refused ({str(refusal).split('. ')[0]}); the pair was "
+            f"registered by a fallback: {info['path']}. Check the result visually."
+        )
     matches = context.matches  # the affine's: the coarse stage may search fresh ones for itself
-    _check_overlap(context.fixed, context.moving, alignment.affine)
     alignment = run_stages(("coarse",), fixed_maps, moving_maps, alignment, config,
                            context, stages)  # fmt: skip
     return PreAlignment(
         context.fixed, context.moving, fixed_maps, moving_maps, matches, alignment, stages,
-        context.coarse,
+        context.coarse, warnings,
     )  # fmt: skip
+
+
+def _match_and_fit(
+    fixed_maps: FeatureMaps, moving_maps: FeatureMaps, alignment: Alignment,
+    config: RegistrationConfig, context: StageContext, stages: dict[str, dict],
+) -> Alignment:  # fmt: skip
+    """The first path: matching around the initial alignment, the affine, and their checks."""
+    clock = time.perf_counter()
+    context.report("matching", 0, 1)
+    context.matches = find_matches(
+        fixed_maps, moving_maps, config.matching, alignment.affine,
+        config.matching.search_radius_mm, context.device,
+    )  # fmt: skip
+    context.report("matching", 1, 1)
+    stages["matching"] = {"seconds": seconds_since(clock), **context.matches.summary()}
+    _check_shared_anatomy(context.matches, config.matching.min_match_share)
+    alignment = run_stages(("affine",), fixed_maps, moving_maps, alignment, config,
+                           context, stages)  # fmt: skip
+    if not config.affine.enabled:
+        stages["affine"] = skipped("disabled", "initial alignment kept")
+    share = _check_overlap(context.fixed, context.moving, alignment.affine)
+    stages["affine"]["overlap_share"] = round(share, 3)
+    return alignment
 
 
 def _check_shared_anatomy(matches, min_share: float) -> None:
@@ -227,23 +259,17 @@ def _check_shared_anatomy(matches, min_share: float) -> None:
         )
 
 
-def _check_overlap(fixed: WorkingImage, moving: WorkingImage, affine: np.ndarray) -> None:
-    """Refuse an alignment that leaves most of the fixed body outside the moving body."""
-    step = 2
-    zyx = np.argwhere(fixed.body[::step, ::step, ::step]) * step
-    points = fixed.grid.index_to_physical(zyx[:, ::-1].astype(np.float64))
-    mapped = points @ affine[:3, :3].T + affine[:3, 3]
-    idx = np.rint(moving.grid.physical_to_index(mapped)).astype(int)
-    inside = np.all((idx >= 0) & (idx < np.array(moving.grid.size_xyz)), axis=1)
-    covered = np.zeros(len(idx), dtype=bool)
-    covered[inside] = moving.body[idx[inside, 2], idx[inside, 1], idx[inside, 0]]
-    share = float(covered.mean()) if len(covered) else 0.0
-    if share < MIN_OVERLAP:
+def _check_overlap(fixed: WorkingImage, moving: WorkingImage, affine: np.ndarray) -> float:
+    """The share of the smaller body on the other body; an alignment that leaves most of it off
+    is refused."""
+    share = fallback.overlap_share(fixed, moving, affine)
+    if share < fallback.MIN_OVERLAP:
         raise RegistrationFailed(
-            f"After the affine stage only {share:.0%} of the fixed body lies on the moving body. "
+            f"After the affine stage only {share:.0%} of the smaller body lies on the other body. "
             "The scans probably show different body regions or share too little anatomy. Check "
             "the inputs; if they do overlap, try the other feature type or a finer working grid."
         )
+    return share
 
 
 def _dice_report(result: RegistrationResult, fixed: sitk.Image, moving: sitk.Image) -> dict:

@@ -111,6 +111,16 @@ def test_images_sharing_no_anatomy(capsys, tmp_path, abdomen_ct):
     assert_refused(capsys, tmp_path / "out", args, "different anatomy", stage_reached="matching")
 
 
+def test_head_against_abdomen(capsys, tmp_path, openkbp):
+    """The fallback paths (other starts, a wider window) find no agreement either: refused."""
+    head = openkbp / "validation_pt_213_ct.nii.gz"  # masked to a box around the head
+    args = [head, abdomen_ct_file(), "--features", "mind", "--stages", "affine"]
+    assert_refused(
+        capsys, tmp_path / "out", args, "different anatomy", "alternatives tried",
+        stage_reached="matching",
+    )  # fmt: skip
+
+
 def test_label_map_on_another_grid(capsys, tmp_path, phantom):
     labels = sitk.ReadImage(str(phantom["labels"]))
     labels.SetOrigin((5.0, 0.0, 0.0))

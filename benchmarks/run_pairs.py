@@ -63,13 +63,14 @@ VARIANTS = {
 }
 STAGE_LABELS = {"affine": "affine", "coarse": "+coarse", "full": "+instance (full)"}
 # Stage timings of the pipeline up to and including the affine stage.
-AFFINE_STAGES = ("initial_pose", "prepare", "features", "initial", "matching", "affine")
+AFFINE_STAGES = ("initial_pose", "prepare", "features", "initial", "matching", "fallback", "affine")
 STAGE_ORDER = (
     "initial_pose",
     "prepare",
     "features",
     "initial",
     "matching",
+    "fallback",
     "affine",
     "coarse",
     "deform",

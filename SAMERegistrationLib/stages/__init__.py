@@ -37,6 +37,7 @@ class StageContext:
     coarse: tuple[torch.Tensor, Grid] | None = None
     # A rigid fixed -> moving pose from HU (``initial_pose``) that checks the initial translation.
     pose: np.ndarray | None = None
+    pose_start: np.ndarray | None = None  # the same pose however weak its fit: a fallback start
 
     def report(self, stage: str, done: int, total: int) -> None:
         if self.progress is not None:
