@@ -156,17 +156,18 @@ def axis_aligned_grid_covering(points: np.ndarray, spacing: float) -> Grid:
     return Grid(tuple(size_xyz[::-1]), (spacing,) * 3, tuple(lo), np.eye(3))
 
 
-def slab_bounds(shape: tuple[int, ...], voxels: int = SLAB_VOXELS) -> Iterator[tuple[int, int]]:
-    """(z0, z1) of consecutive slabs of whole z-slices of a (z, y, x) ``shape``, each of about
-    ``voxels`` voxels (at least one slice), covering every slice once."""
+def slab_bounds(shape: tuple[int, ...], voxels: int | None = None) -> Iterator[tuple[int, int]]:
+    """(z0, z1) of consecutive slabs of whole z-slices of a (..., z, y, x) ``shape``, each of
+    about ``voxels`` voxels (default ``SLAB_VOXELS``; at least one slice), covering every slice
+    once."""
     depth, rows, cols = shape[-3:]
-    step = max(1, voxels // max(rows * cols, 1))
+    step = max(1, (voxels or SLAB_VOXELS) // max(rows * cols, 1))
     for z0 in range(0, depth, step):
         yield z0, min(z0 + step, depth)
 
 
 def slabs(
-    grid: Grid, voxels: int = SLAB_VOXELS, halo: int = 0
+    grid: Grid, voxels: int | None = None, halo: int = 0
 ) -> Iterator[tuple[int, int, np.ndarray]]:
     """The voxel centres of ``grid`` in slabs of whole z-slices, so that memory stays bounded.
 
