@@ -100,6 +100,7 @@ class StageMeter:
 
 def run_worker(job_path: str, out_path: str) -> int:
     def work(job: dict, out: dict) -> None:
+        meter = StageMeter()
         import torch
 
         if job.get("threads"):
@@ -107,7 +108,6 @@ def run_worker(job_path: str, out_path: str) -> int:
         from SAMERegistrationLib.export import write_outputs
         from SAMERegistrationLib.image import read_image
 
-        meter = StageMeter()
         meter.close("import")
         out["per_stage_peak"] = meter.per_stage
         out["torch_threads"] = torch.get_num_threads()
@@ -213,13 +213,14 @@ def summary_table(names: list[str], reports: list[dict]) -> str:
     rows = []
     for name, report in zip(names, reports):
         if report["status"] != "ok":
-            rows.append([name, report.get("error", report["status"])] + ["—"] * 6)
+            rows.append([name, report.get("error", report["status"])] + ["—"] * 7)
             continue
         mb = report["export_mb"]
         rows.append(
             [
                 name,
                 "x".join(map(str, report["working_grid"])),
+                f"{report['wall_seconds']:.1f}",
                 f"{report['register_seconds']:.1f}",
                 f"{report['export_seconds']:.1f}",
                 _gb(report["maxrss_kb"]),
@@ -228,7 +229,7 @@ def summary_table(names: list[str], reports: list[dict]) -> str:
                 ", ".join(f"{k} {v}" for k, v in report["statuses"].items() if v != "done"),
             ]
         )
-    head = ["case", "working grid", "register s", "export s", "peak RSS GB",
+    head = ["case", "working grid", "wall s", "register s", "export s", "peak RSS GB",
             "export MB (transform / all)", "Dice after", "stages not done"]  # fmt: skip
     return markdown_table(head, rows)
 
