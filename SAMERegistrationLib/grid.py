@@ -156,8 +156,18 @@ def axis_aligned_grid_covering(points: np.ndarray, spacing: float) -> Grid:
     return Grid(tuple(size_xyz[::-1]), (spacing,) * 3, tuple(lo), np.eye(3))
 
 
+def slab_bounds(shape: tuple[int, ...], voxels: int | None = None) -> Iterator[tuple[int, int]]:
+    """(z0, z1) of consecutive slabs of whole z-slices of a (..., z, y, x) ``shape``, each of
+    about ``voxels`` voxels (default ``SLAB_VOXELS``; at least one slice), covering every slice
+    once."""
+    depth, rows, cols = shape[-3:]
+    step = max(1, (voxels or SLAB_VOXELS) // max(rows * cols, 1))
+    for z0 in range(0, depth, step):
+        yield z0, min(z0 + step, depth)
+
+
 def slabs(
-    grid: Grid, voxels: int = SLAB_VOXELS, halo: int = 0
+    grid: Grid, voxels: int | None = None, halo: int = 0
 ) -> Iterator[tuple[int, int, np.ndarray]]:
     """The voxel centres of ``grid`` in slabs of whole z-slices, so that memory stays bounded.
 
@@ -167,10 +177,8 @@ def slabs(
     max(z0 - halo, 0)), e.g. for gradients that are whole at the slab's faces.
     """
     depth = grid.shape[0]
-    rows = max(1, voxels // (grid.shape[1] * grid.shape[2]))
     y, x = np.meshgrid(np.arange(grid.shape[1]), np.arange(grid.shape[2]), indexing="ij")
-    for z0 in range(0, depth, rows):
-        z1 = min(z0 + rows, depth)
+    for z0, z1 in slab_bounds(grid.shape, voxels):
         z = np.arange(max(z0 - halo, 0), min(z1 + halo, depth))
         idx = np.stack(np.broadcast_arrays(x[None], y[None], z[:, None, None]), axis=-1)
         yield z0, z1, grid.index_to_physical(idx.reshape(-1, 3))

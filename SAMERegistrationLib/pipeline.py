@@ -127,10 +127,11 @@ def register(
     for warning in result.warnings:
         log.warning(warning)
     result.metrics["folding_percent"] = result.alignment.folding_percent(pre.fixed.body)
-    if "fixed" in labels and "moving" in labels:
-        result.metrics.update(_dice_report(result, labels["fixed"], labels["moving"]))
     if "moving" in labels:
         result.warped_labels = result.warp(labels["moving"], labels=True)
+    if "fixed" in labels and "moving" in labels:
+        warped = result.warped_labels
+        result.metrics.update(_dice_report(labels["fixed"], labels["moving"], warped))
     context.report("finish", 1, 1)
     stages["finish"] = {"seconds": seconds_since(clock)}
     return result
@@ -272,10 +273,9 @@ def _check_overlap(fixed: WorkingImage, moving: WorkingImage, affine: np.ndarray
     return share
 
 
-def _dice_report(result: RegistrationResult, fixed: sitk.Image, moving: sitk.Image) -> dict:
+def _dice_report(fixed: sitk.Image, moving: sitk.Image, warped: sitk.Image) -> dict:
     reference = sitk.GetArrayFromImage(fixed)
     unregistered = sitk.Resample(moving, fixed, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
-    warped = result.warp(moving, labels=True)
     labels = sorted(
         set(np.unique(reference)) & set(np.unique(sitk.GetArrayViewFromImage(moving))) - {0}
     )

@@ -16,7 +16,7 @@ import SimpleITK as sitk
 from .alignment import Alignment
 from .config import RegistrationConfig
 from .features.base import FeatureMaps
-from .grid import Grid
+from .grid import Grid, slab_bounds
 from .matching import Matches
 
 
@@ -74,9 +74,19 @@ class RegistrationResult:
         return self.alignment.affine_transform()
 
     def warp(self, moving: sitk.Image, labels: bool = False) -> sitk.Image:
-        """Resample a moving-space image onto the fixed grid (linear, or nearest for labels)."""
+        """Resample a moving-space image onto the fixed grid (linear, or nearest for labels).
+
+        The fixed grid is visited slab by slab, with the map sampled on each slab only: the whole
+        map on a large fixed grid would take 24 bytes a voxel at once.
+        """
         interpolator = sitk.sitkNearestNeighbor if labels else sitk.sitkLinear
         default = 0.0 if labels else float(sitk.GetArrayViewFromImage(moving).min())
-        return sitk.Resample(
-            moving, self.fixed_grid.reference_image(), self.transform(), interpolator, default
-        )
+        grid = self.fixed_grid
+        pieces = []
+        for z0, z1 in slab_bounds(grid.shape):
+            slab = grid.crop((z0, 0, 0), (z1, *grid.shape[1:]))
+            transform = self.alignment.sitk_transform(slab)
+            piece = sitk.Resample(moving, slab.reference_image(), transform, interpolator, default)
+            pieces.append(sitk.GetArrayFromImage(piece))
+        vector = moving.GetNumberOfComponentsPerPixel() > 1
+        return grid.apply_to(sitk.GetImageFromArray(np.concatenate(pieces), isVector=vector))

@@ -12,7 +12,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .grid import Grid
+from .grid import Grid, slab_bounds
+
+DETERMINANT_SLAB_VOXELS = 1_000_000  # voxels per slab of the Jacobian determinant
 
 
 def _require_axis_aligned(grid: Grid) -> None:
@@ -108,14 +110,28 @@ def integrate_velocity(velocity: torch.Tensor, grid: Grid, steps: int = 7) -> to
 
 
 def jacobian_determinant(field: torch.Tensor, grid: Grid) -> torch.Tensor:
-    """det(I + grad u) by central differences (one-sided at the borders), (D, H, W)."""
-    u = field[0].double()
+    """det(I + grad u) by central differences (one-sided at the borders), (D, H, W) float64.
+
+    Computed in slabs of z-slices, each with one neighbouring slice on either side, so that the
+    float64 temporaries (about 300 bytes a voxel) stay small on large grids; the values are those
+    of the whole field at once.
+    """
+    depth = field.shape[2]
+    out = torch.empty(field.shape[2:], dtype=torch.float64, device=field.device)
+    for z0, z1 in slab_bounds(field.shape, DETERMINANT_SLAB_VOXELS):
+        lo, hi = max(z0 - 1, 0), min(z1 + 1, depth)
+        out[z0:z1] = _jacobian_determinant(field[0, :, lo:hi], grid.spacing)[z0 - lo : z1 - lo]
+    return out
+
+
+def _jacobian_determinant(u: torch.Tensor, spacing: tuple[float, ...]) -> torch.Tensor:
+    u = u.double()
     grads = []
-    for dim, spacing in zip((3, 2, 1), grid.spacing):  # d/dx, d/dy, d/dz over (z, y, x) axes
+    for dim, step in zip((3, 2, 1), spacing):  # d/dx, d/dy, d/dz over (z, y, x) axes
         if u.shape[dim] < 2:
             grads.append(torch.zeros_like(u))
         else:
-            grads.append(torch.gradient(u, spacing=spacing, dim=dim)[0])
+            grads.append(torch.gradient(u, spacing=step, dim=dim)[0])
     jac = torch.stack(grads, dim=-1)  # (3 components, D, H, W, 3 derivatives)
     jac = jac.permute(1, 2, 3, 0, 4) + torch.eye(3, dtype=u.dtype, device=u.device)
     return torch.linalg.det(jac)

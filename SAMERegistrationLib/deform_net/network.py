@@ -19,19 +19,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..grid import slab_bounds
+
 ENCODER = (16, 32, 32, 32)
 DECODER = (32, 32, 32, 32)
 FULL_RESOLUTION = (32, 16, 16)
 CORRELATION_CHANNELS = 27
 MULTIPLE = 2 ** len(ENCODER)  # the input size must be divisible by the total downsampling
 FLOW_INIT_STD = 1e-5
+# Without autograd the full-resolution layers run on slabs of about this many voxels; each slab
+# carries one extra slice per convolution after the last upsampling on either side.
+TAIL_SLAB_VOXELS = 2_000_000
+TAIL_HALO = len(FULL_RESOLUTION) + 1
 
 
 class _ConvAct(nn.Sequential):
     def __init__(self, in_channels: int, out_channels: int) -> None:
         super().__init__(
             nn.Conv3d(in_channels, out_channels, kernel_size=3, padding=1),
-            nn.LeakyReLU(0.2),
+            nn.LeakyReLU(0.2, inplace=True),  # no second copy of the activations
         )
 
 
@@ -90,13 +96,36 @@ class DeformNetwork(nn.Module):
             x = block(x)
             skips.append(x)
             x = F.max_pool3d(x, 2)
-        for block, skip in zip(self.decoder, reversed(skips)):
+        for block in self.decoder[:-1]:
             x = F.interpolate(block(x), scale_factor=2, mode="nearest")
-            x = torch.cat([x, skip], dim=1)
-        for block in self.full_resolution:
-            x = block(x)
-        flow = self.flow(x)
+            x = torch.cat([x, skips.pop()], dim=1)
+        x = self.decoder[-1](x)
+        flow = self._full_resolution(x, skips.pop())
         return flow[:, :, : size[0], : size[1], : size[2]]
+
+    def _full_resolution(self, half: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        """The last upsampling, the full-resolution layers and the flow layer, slab by slab.
+
+        Without autograd the volume goes through in slabs of z-slices, each with TAIL_HALO
+        neighbouring slices on either side (one per 3x3x3 convolution), so that the activations
+        at full resolution, the largest arrays of the network, are never held for the whole
+        volume; the slabs' centres equal the whole-volume result. With autograd every slab's
+        activations are kept for the backward pass anyway, and the volume goes through at once.
+        """
+        depth = skip.shape[2]
+        voxels = skip[0, 0].numel() if torch.is_grad_enabled() else TAIL_SLAB_VOXELS
+        flows = []
+        for z0, z1 in slab_bounds(skip.shape, voxels):
+            lo, hi = max(z0 - TAIL_HALO, 0), min(z1 + TAIL_HALO, depth)
+            # Nearest upsampling by 2: full-resolution slice z shows half-resolution slice z // 2.
+            up = F.interpolate(half[:, :, lo // 2 : (hi + 1) // 2], scale_factor=2, mode="nearest")
+            x = torch.cat([up[:, :, lo % 2 : lo % 2 + hi - lo], skip[:, :, lo:hi]], dim=1)
+            del up
+            for block in self.full_resolution:
+                x = block(x)
+            flows.append(self.flow(x)[:, :, z0 - lo : z1 - lo])
+            del x
+        return flows[0] if len(flows) == 1 else torch.cat(flows, dim=2)
 
 
 def _pad_to(x: torch.Tensor, shape: list[int]) -> torch.Tensor:

@@ -1,0 +1,98 @@
+"""Computations done slab by slab to bound memory give what the whole volume gives, on real CT."""
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from SAMERegistrationLib import grid as grid_module
+from SAMERegistrationLib import spatial
+from SAMERegistrationLib.alignment import Alignment
+from SAMERegistrationLib.config import RegistrationConfig
+from SAMERegistrationLib.deform_net import network as network_module
+from SAMERegistrationLib.deform_net.checkpoint import load_deform_weights
+from SAMERegistrationLib.deform_net.inputs import build_inputs
+from SAMERegistrationLib.features.mind import MindExtractor
+from SAMERegistrationLib.grid import Grid
+from SAMERegistrationLib.image import to_working_grid
+from SAMERegistrationLib.matching import Matches
+from SAMERegistrationLib.result import RegistrationResult
+from SAMERegistrationLib.stages.deform import DEFAULT_WEIGHTS
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def working(abdomen_ct):
+    return to_working_grid(abdomen_ct, 4.0)
+
+
+def shifted(grid: Grid, shift_mm: tuple[float, float, float]) -> Alignment:
+    """The translation p -> p + shift on ``grid``, as an Alignment."""
+    affine = np.eye(4)
+    affine[:3, 3] = shift_mm
+    return Alignment.identity(grid).with_affine(affine)
+
+
+def test_deform_network_in_slabs_equals_the_whole_volume(working, monkeypatch) -> None:
+    model = load_deform_weights(DEFAULT_WEIGHTS, map_location="cpu")
+    maps = MindExtractor().extract(working)
+    inputs = build_inputs(working, working, maps, maps, shifted(working.grid, (6, -4, 5)), True)
+
+    def run() -> torch.Tensor:
+        with torch.no_grad():
+            return model.network(inputs.moving, inputs.fixed, inputs.correlation)
+
+    whole = run()
+    rows, cols = whole.shape[3:]
+    monkeypatch.setattr(network_module, "TAIL_SLAB_VOXELS", rows * cols * 5)
+    in_slabs = run()
+    assert whole.shape[2] > 3 * 5  # several slabs, each with its halo
+    assert float(whole.abs().max()) > 0.1  # the shifted pair asks for a field
+    # Convolutions of other sizes may sum in another order: a few float32 ulps of a field that
+    # reaches about one voxel.
+    torch.testing.assert_close(in_slabs, whole, atol=1e-5, rtol=0)
+
+
+def test_jacobian_in_slabs_equals_the_whole_field(working, monkeypatch) -> None:
+    # A field that follows the anatomy: the smoothed CT, in mm, differently per component.
+    hu = torch.as_tensor(working.hu)[None, None]
+    smooth = spatial.smooth((hu.clamp(-1000, 1000) / 25.0), passes=2)
+    field = torch.cat([smooth, -0.5 * smooth.roll(3, dims=2), 0.8 * smooth.roll(-2, dims=4)], 1)
+    whole = spatial.jacobian_determinant(field, working.grid)
+    assert float(whole.min()) <= 0 < float(whole.max())  # folds somewhere: a strong field
+    rows, cols = working.grid.shape[1:]
+    for slices in (1, 2, 7):
+        monkeypatch.setattr(spatial, "DETERMINANT_SLAB_VOXELS", rows * cols * slices)
+        assert torch.equal(spatial.jacobian_determinant(field, working.grid), whole)
+
+
+def test_warp_in_slabs_equals_the_whole_grid(abdomen_ct, working, monkeypatch) -> None:
+    grid = working.grid
+    points = grid.voxel_centres()
+    dense = np.stack([6 * np.sin(points[..., 1] / 15), 4 * np.cos(points[..., 2] / 12),
+                      3 * np.sin(points[..., 0] / 10)]).astype(np.float32)  # fmt: skip
+    alignment = Alignment(shifted(grid, (5, -3, 8)).affine, torch.as_tensor(dense)[None], grid)
+    none = np.zeros((0, 3))
+    fixed_grid = Grid.from_sitk(abdomen_ct)  # not axis-aligned: direction diag(-1, -1, 1)
+    result = RegistrationResult(
+        fixed_grid, alignment, Matches(none, none, np.zeros(0)),
+        RegistrationConfig(features="mind"), "cpu",
+    )  # fmt: skip
+    labels = sitk.Cast(abdomen_ct > 200, sitk.sitkUInt16) + sitk.Cast(
+        abdomen_ct > -300, sitk.sitkUInt16
+    )
+    for image, is_labels in ((abdomen_ct, False), (labels, True)):
+        reference = sitk.Resample(
+            image, fixed_grid.reference_image(), result.transform(),
+            sitk.sitkNearestNeighbor if is_labels else sitk.sitkLinear,
+            0.0 if is_labels else float(sitk.GetArrayViewFromImage(image).min()),
+        )  # fmt: skip
+        monkeypatch.setattr(
+            grid_module, "SLAB_VOXELS", fixed_grid.shape[1] * fixed_grid.shape[2] * 9
+        )
+        warped = result.warp(image, labels=is_labels)
+        assert warped.GetPixelID() == image.GetPixelID()
+        assert Grid.from_sitk(warped).matches(fixed_grid)
+        assert np.array_equal(sitk.GetArrayFromImage(warped), sitk.GetArrayFromImage(reference))
+        assert len(np.unique(sitk.GetArrayViewFromImage(warped))) > 2  # not an empty warp
