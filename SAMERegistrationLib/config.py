@@ -93,6 +93,10 @@ class CoarseConfig:
     # Search radius (mm) for fresh matches around the affine's prediction; 0 reuses the affine's
     # matches (SAME). null = the default of the feature type.
     rematch_radius_mm: float | None = None
+    # Keep the field only if it raises the local NCC of the fixed and the pulled moving image
+    # (inside the fixed body) by at least this much: a field fitted to the matches' noise on a
+    # perfect alignment lowers it; -1 keeps every field.
+    min_gain: float = 0.005
 
 
 @dataclass
@@ -255,6 +259,7 @@ _BOUNDED: dict[str, tuple[float, float, bool, bool]] = {
     "affine.max_scale": (1.0, math.inf, False, True),
     "initial_pose.angle_threshold_deg": (0.0, 180.0, False, False),
     "initial_pose.spacing_mm": (2.0, 20.0, False, False),
+    "coarse.min_gain": (-1.0, 1.0, False, False),
     "deform.min_gain": (-1.0, 1.0, False, False),
     "instance.min_gain": (-1.0, 1.0, False, False),
 }

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from SAMERegistrationLib.alignment import Alignment
 from SAMERegistrationLib.features import MindExtractor
 from SAMERegistrationLib.features.base import FeatureMaps
 from SAMERegistrationLib.grid import Grid
@@ -34,6 +35,14 @@ def shifted(image: WorkingImage, shift_mm) -> WorkingImage:
     origin = tuple(np.array(image.grid.origin) + np.asarray(shift_mm, dtype=float))
     grid = Grid(image.grid.shape, image.grid.spacing, origin, image.grid.direction)
     return WorkingImage(image.hu.copy(), image.body.copy(), grid)
+
+
+def pulled_through(moving: WorkingImage, alignment: Alignment) -> WorkingImage:
+    """The fixed scan whose true map to ``moving`` is ``alignment``: fixed(p) = moving(map(p))."""
+    hu = alignment.pull(torch.as_tensor(moving.hu)[None, None], moving.grid)
+    body = alignment.pull(torch.as_tensor(moving.body, dtype=torch.float32)[None, None],
+                          moving.grid, mode="nearest")  # fmt: skip
+    return WorkingImage(hu[0, 0].numpy(), body[0, 0].numpy() > 0.5, alignment.grid)
 
 
 def mind_maps(*images: WorkingImage) -> list[FeatureMaps]:

@@ -26,13 +26,12 @@ from ..alignment import Alignment
 from ..config import DeformConfig, RegistrationConfig
 from ..deform_net.checkpoint import DeformModel, load_deform_weights
 from ..deform_net.field import displacement
-from ..deform_net.inputs import body_window, build_inputs
+from ..deform_net.inputs import build_inputs
 from ..errors import ConfigError
 from ..features.base import FeatureMaps
 from ..shipped import MODELS, file_sha256, read_record, verify_shipped
-from ..train.deform_losses import local_ncc
-from ..working import WorkingImage
 from . import StageContext, skipped
+from .similarity import DESCRIPTION, local_similarity, pulled_window
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +39,6 @@ log = logging.getLogger(__name__)
 #: The SAM-deform network shipped with the library, its record (SHA256, features) and model card.
 DEFAULT_WEIGHTS = MODELS / "deform_default.pt"
 DEFAULT_RECORD = MODELS / "deform_default.json"
-#: The acceptance check's similarity: local NCC over cubes of this many working voxels.
-SIMILARITY_WINDOW = 9
 
 
 def shipped_weights() -> Path | None:
@@ -170,7 +167,7 @@ def run(
         "displacement_max_mm": round(float(u.norm(dim=1).max()), 3),
         # Folding of the network's own map (id + u) inside the fixed body.
         "folding_percent": spatial.folding_percent(u, fixed.grid, fixed.body),
-        "similarity": f"local NCC ({SIMILARITY_WINDOW}-voxel window) in the fixed body",
+        "similarity": DESCRIPTION,
         "similarity_before": round(before, 4),
         "similarity_after": round(after, 4),
     }
@@ -182,17 +179,3 @@ def run(
         log.info("deform stage rejected: %s", reason)
         return alignment, {"status": "rejected", "reason": reason, **info}
     return composed, info
-
-
-def pulled_window(moving: WorkingImage, alignment: Alignment, fixed: WorkingImage) -> torch.Tensor:
-    """The moving image's intensity window pulled through ``alignment`` onto the fixed grid."""
-    window = body_window(moving, alignment.field.device)
-    return alignment.pull(window, moving.grid, fixed.grid)
-
-
-def local_similarity(
-    fixed: WorkingImage, fixed_window: torch.Tensor, pulled: torch.Tensor
-) -> float:
-    """Local NCC of the fixed window and a pulled moving window, inside the fixed body."""
-    body = torch.as_tensor(fixed.body, device=pulled.device)[None, None]
-    return float(local_ncc(fixed_window, pulled, body, SIMILARITY_WINDOW))
