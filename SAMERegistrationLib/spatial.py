@@ -25,10 +25,11 @@ def _require_axis_aligned(grid: Grid) -> None:
 def physical_to_normalized(points: torch.Tensor, grid: Grid) -> torch.Tensor:
     """LPS mm (..., 3) -> grid_sample coordinates (..., 3) in (x, y, z) order, align_corners=True."""
     _require_axis_aligned(grid)
-    origin = points.new_tensor(grid.origin)
-    spacing = points.new_tensor(grid.spacing)
-    last = points.new_tensor([max(n - 1, 1) for n in grid.size_xyz])
-    return (points - origin) / spacing / last * 2.0 - 1.0
+    # One multiply-add per coordinate: on whole working grids the temporaries of the
+    # step-by-step formula cost more than the sampling that follows.
+    scale = [2.0 / (s * max(n - 1, 1)) for s, n in zip(grid.spacing, grid.size_xyz)]
+    shift = [-1.0 - o * k for o, k in zip(grid.origin, scale)]
+    return torch.addcmul(points.new_tensor(shift), points, points.new_tensor(scale))
 
 
 def normalized_scale(grid: Grid) -> torch.Tensor:
