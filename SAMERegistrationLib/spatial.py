@@ -168,8 +168,9 @@ def smooth(field: torch.Tensor, passes: int, kernel: int = 3) -> torch.Tensor:
 def _box_along(field: torch.Tensor, axis: int, kernel: int) -> torch.Tensor:
     """Mean over ``kernel`` neighbours along one axis, the border voxel repeated beyond the ends."""
     n, pad = field.shape[axis], kernel // 2
-    index = torch.arange(-pad, n + pad, device=field.device).clamp_(0, n - 1)
-    padded = field.index_select(axis, index)
+    widths = [0] * 6  # F.pad lists the last axis first
+    widths[2 * (4 - axis) : 2 * (5 - axis)] = [pad, pad]
+    padded = F.pad(field, widths, mode="replicate")
     total = padded.narrow(axis, 0, n)
     for shift in range(1, kernel):
         total = total + padded.narrow(axis, shift, n)
