@@ -25,10 +25,11 @@ def _require_axis_aligned(grid: Grid) -> None:
 def physical_to_normalized(points: torch.Tensor, grid: Grid) -> torch.Tensor:
     """LPS mm (..., 3) -> grid_sample coordinates (..., 3) in (x, y, z) order, align_corners=True."""
     _require_axis_aligned(grid)
-    origin = points.new_tensor(grid.origin)
-    spacing = points.new_tensor(grid.spacing)
-    last = points.new_tensor([max(n - 1, 1) for n in grid.size_xyz])
-    return (points - origin) / spacing / last * 2.0 - 1.0
+    # One multiply-add per coordinate: on whole working grids the temporaries of the
+    # step-by-step formula cost more than the sampling that follows.
+    scale = [2.0 / (s * max(n - 1, 1)) for s, n in zip(grid.spacing, grid.size_xyz)]
+    shift = [-1.0 - o * k for o, k in zip(grid.origin, scale)]
+    return torch.addcmul(points.new_tensor(shift), points, points.new_tensor(scale))
 
 
 def normalized_scale(grid: Grid) -> torch.Tensor:
@@ -152,11 +153,28 @@ def folding_percent(
 
 
 def smooth(field: torch.Tensor, passes: int, kernel: int = 3) -> torch.Tensor:
-    """Repeated box filtering (replicate borders): a cheap Gaussian-like smoother."""
-    pad = kernel // 2
+    """Repeated box filtering (replicate borders): a cheap Gaussian-like smoother.
+
+    Each pass is the cube's mean taken one axis at a time, as sums of shifted copies: with
+    replicate borders the cube is the product of its axes, and on a CPU the shifted sums (and
+    their gradients) cost a fraction of a 3-D pooling window.
+    """
     for _ in range(passes):
-        field = F.avg_pool3d(F.pad(field, (pad,) * 6, mode="replicate"), kernel, stride=1)
+        for axis in (2, 3, 4):
+            field = _box_along(field, axis, kernel)
     return field
+
+
+def _box_along(field: torch.Tensor, axis: int, kernel: int) -> torch.Tensor:
+    """Mean over ``kernel`` neighbours along one axis, the border voxel repeated beyond the ends."""
+    n, pad = field.shape[axis], kernel // 2
+    widths = [0] * 6  # F.pad lists the last axis first
+    widths[2 * (4 - axis) : 2 * (5 - axis)] = [pad, pad]
+    padded = F.pad(field, widths, mode="replicate")
+    total = padded.narrow(axis, 0, n)
+    for shift in range(1, kernel):
+        total = total + padded.narrow(axis, shift, n)
+    return total / kernel
 
 
 def roughness(field: torch.Tensor, mean_over_axes: bool = False) -> torch.Tensor:

@@ -54,6 +54,40 @@ def test_deform_network_in_slabs_equals_the_whole_volume(working, monkeypatch) -
     torch.testing.assert_close(in_slabs, whole, atol=1e-5, rtol=0)
 
 
+def padded_unet(network, moving, fixed, correlation) -> torch.Tensor:
+    """The U-Net's plain forward pass: every layer over the whole padded volume, then the crop."""
+    size = moving.shape[2:]
+    padded = [-(-n // network_module.MULTIPLE) * network_module.MULTIPLE for n in size]
+    x = network_module._pad_to(torch.cat([moving, fixed], dim=1), padded)
+    skips = []
+    for level, block in enumerate(network.encoder):
+        if level == 1:
+            x = torch.cat([x, network_module._pad_to(correlation, list(x.shape[2:]))], dim=1)
+        x = block(x)
+        skips.append(x)
+        x = torch.nn.functional.max_pool3d(x, 2)
+    for block in network.decoder[:-1]:
+        x = torch.cat([torch.nn.functional.interpolate(block(x), scale_factor=2), skips.pop()], 1)
+    x = torch.nn.functional.interpolate(network.decoder[-1](x), scale_factor=2)
+    x = torch.cat([x, skips.pop()], dim=1)
+    for block in network.full_resolution:
+        x = block(x)
+    return network.flow(x)[:, :, : size[0], : size[1], : size[2]]
+
+
+def test_deform_network_skips_the_padding_at_full_resolution(working) -> None:
+    model = load_deform_weights(DEFAULT_WEIGHTS, map_location="cpu")
+    maps = MindExtractor().extract(working)
+    inputs = build_inputs(working, working, maps, maps, shifted(working.grid, (6, -4, 5)), True)
+    assert all(n % network_module.MULTIPLE for n in working.grid.shape)  # padded on every axis
+    with torch.no_grad():
+        fast = model.network(inputs.moving, inputs.fixed, inputs.correlation)
+        plain = padded_unet(model.network, inputs.moving, inputs.fixed, inputs.correlation)
+    assert fast.shape == plain.shape == (1, 3, *working.grid.shape)
+    assert float(plain.abs().max()) > 0.1  # the shifted pair asks for a field
+    torch.testing.assert_close(fast, plain, atol=1e-5, rtol=0)
+
+
 def test_jacobian_in_slabs_equals_the_whole_field(working, monkeypatch) -> None:
     # A field that follows the anatomy: the smoothed CT, in mm, differently per component.
     hu = torch.as_tensor(working.hu)[None, None]

@@ -100,10 +100,11 @@ class DeformNetwork(nn.Module):
             x = F.interpolate(block(x), scale_factor=2, mode="nearest")
             x = torch.cat([x, skips.pop()], dim=1)
         x = self.decoder[-1](x)
-        flow = self._full_resolution(x, skips.pop())
-        return flow[:, :, : size[0], : size[1], : size[2]]
+        return self._full_resolution(x, skips.pop(), list(size))
 
-    def _full_resolution(self, half: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+    def _full_resolution(
+        self, half: torch.Tensor, skip: torch.Tensor, size: list[int]
+    ) -> torch.Tensor:
         """The last upsampling, the full-resolution layers and the flow layer, slab by slab.
 
         Without autograd the volume goes through in slabs of z-slices, each with TAIL_HALO
@@ -111,19 +112,26 @@ class DeformNetwork(nn.Module):
         at full resolution, the largest arrays of the network, are never held for the whole
         volume; the slabs' centres equal the whole-volume result. With autograd every slab's
         activations are kept for the backward pass anyway, and the volume goes through at once.
+        Only the unpadded ``size`` and TAIL_HALO voxels beyond it go through these layers: the
+        padding to a multiple of 16 is cut from the output, and a voxel here sees no further.
         """
         depth = skip.shape[2]
+        # Rows and columns kept: the input's and the halo beyond, within the padded volume.
+        rows, cols = (min(n + TAIL_HALO, have) for n, have in zip(size[1:], skip.shape[3:]))
+        half = half[:, :, :, : (rows + 1) // 2, : (cols + 1) // 2]
+        skip = skip[:, :, :, :rows, :cols]
         voxels = skip[0, 0].numel() if torch.is_grad_enabled() else TAIL_SLAB_VOXELS
         flows = []
-        for z0, z1 in slab_bounds(skip.shape, voxels):
+        for z0, z1 in slab_bounds((size[0], rows, cols), voxels):
             lo, hi = max(z0 - TAIL_HALO, 0), min(z1 + TAIL_HALO, depth)
             # Nearest upsampling by 2: full-resolution slice z shows half-resolution slice z // 2.
             up = F.interpolate(half[:, :, lo // 2 : (hi + 1) // 2], scale_factor=2, mode="nearest")
-            x = torch.cat([up[:, :, lo % 2 : lo % 2 + hi - lo], skip[:, :, lo:hi]], dim=1)
+            up = up[:, :, lo % 2 : lo % 2 + hi - lo, :rows, :cols]
+            x = torch.cat([up, skip[:, :, lo:hi]], dim=1)
             del up
             for block in self.full_resolution:
                 x = block(x)
-            flows.append(self.flow(x)[:, :, z0 - lo : z1 - lo])
+            flows.append(self.flow(x)[:, :, z0 - lo : z1 - lo, : size[1], : size[2]])
             del x
         return flows[0] if len(flows) == 1 else torch.cat(flows, dim=2)
 
