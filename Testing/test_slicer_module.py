@@ -43,13 +43,13 @@ from SAMERegistrationLib.synthetic import PHANTOM_LABELS  # noqa: E402
 
 # Small and fast; the in-process comparison run uses the same values.
 SETTINGS = dict(
-    features="mind", device="cpu", spacing=4.5, coarseIterations=30, instanceIterations=10
+    features="mind", device="cpu", spacing=4.5, coarseIterations=100, instanceIterations=10
 )
 LIBRARY_SETTINGS = dict(
     features="mind",
     device="cpu",
     working_spacing_mm=4.5,
-    coarse__iterations=30,
+    coarse__iterations=100,
     instance__iterations=10,
 )
 

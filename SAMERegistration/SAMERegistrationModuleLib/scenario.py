@@ -14,7 +14,7 @@ SETTINGS = dict(
     features="mind",
     device="cpu",
     spacing=4.5,
-    coarseIterations=30,
+    coarseIterations=100,  # fewer leave a coarse field too weak for the coarse.min_gain check
 )
 
 
