@@ -225,6 +225,8 @@ def _print_summary(result, paths: dict, seconds: float) -> None:
     for stage, info in result.stages.items():
         if info.get("status") == "skipped":
             lines.append(f"  {stage}: skipped ({info['reason']})")
+        elif info.get("status") == "rejected":
+            lines.append(f"  {stage}: not kept ({info['reason']})")
     lines.append(f"  correspondences kept: {len(result.matches)}")
     lines.append(f"  folding: {metrics['folding_percent']:.3f} % of the fixed body")
     if "mean_dice_after" in metrics:

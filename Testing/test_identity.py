@@ -10,7 +10,7 @@ from _stage_pairs import GRID, mind_maps, shifted, textured_body
 from conftest import require_data
 from test_deform import translation_weights
 
-from SAMERegistrationLib import register
+from SAMERegistrationLib import cli, register
 from SAMERegistrationLib.alignment import Alignment
 from SAMERegistrationLib.config import RegistrationConfig
 from SAMERegistrationLib.deform_net.checkpoint import load_deform_weights
@@ -99,6 +99,13 @@ def test_a_real_ct_registered_to_itself_is_left_by_the_deformable_stages(ct_agai
     displacement = result.alignment.displacement_on(maps.grid)
     inside = np.linalg.norm(displacement, axis=-1)[maps.body]
     assert inside.max() < result.config.working_spacing_mm, f"max {inside.max():.2f} mm"
+
+
+def test_the_command_line_summary_names_the_stages_not_kept(ct_against_itself, capsys, tmp_path):
+    cli._print_summary(ct_against_itself, {"report": tmp_path / "report.json"}, 1.0)
+    printed = capsys.readouterr().out
+    for stage in ("coarse", "deform", "instance"):
+        assert f"  {stage}: not kept (" in printed and f"{stage}.min_gain" in printed
 
 
 def test_a_real_ct_registered_to_itself_stays_within_a_voxel_everywhere(ct_against_itself) -> None:
