@@ -14,7 +14,6 @@ fixed body by ``coarse.min_gain``; otherwise the stage returns the incoming alig
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 
 import numpy as np
@@ -27,9 +26,8 @@ from ..features.base import FeatureMaps
 from ..grid import Grid
 from ..matching import Matches, find_matches
 from . import StageContext, skipped
-from .similarity import DESCRIPTION, alignment_similarity
+from .similarity import DESCRIPTION, alignment_similarity, rejection
 
-log = logging.getLogger(__name__)
 
 MIN_MATCHES = 4  # fewer matches than this leave the stage out
 
@@ -61,12 +59,8 @@ def run(
         similarity_before=round(before, 4),
         similarity_after=round(after, 4),
     )
-    if after - before < config.coarse.min_gain:
-        reason = (
-            f"the coarse field changed the local NCC from {before:.4f} to {after:.4f}, less than "
-            f"coarse.min_gain ({config.coarse.min_gain:g}) better: alignment kept"
-        )
-        log.info("coarse stage rejected: %s", reason)
+    reason = rejection("coarse", "the coarse field", before, after, config.coarse.min_gain)
+    if reason is not None:
         return alignment, {"status": "rejected", "reason": reason, **info}
     context.coarse = (coarse, grid)
     return fitted, info

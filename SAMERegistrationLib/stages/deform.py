@@ -31,7 +31,7 @@ from ..errors import ConfigError
 from ..features.base import FeatureMaps
 from ..shipped import MODELS, file_sha256, read_record, verify_shipped
 from . import StageContext, skipped
-from .similarity import DESCRIPTION, local_similarity, pulled_window
+from .similarity import DESCRIPTION, local_similarity, pulled_window, rejection
 
 log = logging.getLogger(__name__)
 
@@ -171,11 +171,7 @@ def run(
         "similarity_before": round(before, 4),
         "similarity_after": round(after, 4),
     }
-    if after - before < config.deform.min_gain:
-        reason = (
-            f"the network's field changed the local NCC from {before:.4f} to {after:.4f}, "
-            f"less than deform.min_gain ({config.deform.min_gain:g}) better: alignment kept"
-        )
-        log.info("deform stage rejected: %s", reason)
+    reason = rejection("deform", "the network's field", before, after, config.deform.min_gain)
+    if reason is not None:
         return alignment, {"status": "rejected", "reason": reason, **info}
     return composed, info

@@ -7,6 +7,8 @@ themselves, so it judges a field independently of the features and matches it wa
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from ..alignment import Alignment
@@ -17,6 +19,8 @@ from ..working import WorkingImage
 #: Local NCC over cubes of this many working voxels.
 SIMILARITY_WINDOW = 9
 DESCRIPTION = f"local NCC ({SIMILARITY_WINDOW}-voxel window) in the fixed body"
+
+log = logging.getLogger(__name__)
 
 
 def pulled_window(moving: WorkingImage, alignment: Alignment, fixed: WorkingImage) -> torch.Tensor:
@@ -38,3 +42,15 @@ def alignment_similarity(fixed: WorkingImage, moving: WorkingImage, alignment: A
     with torch.no_grad():
         fixed_window = body_window(fixed, alignment.field.device)
         return local_similarity(fixed, fixed_window, pulled_window(moving, alignment, fixed))
+
+
+def rejection(stage: str, field: str, before: float, after: float, min_gain: float) -> str | None:
+    """Why ``stage`` must keep its incoming alignment (the similarity gained too little), else None."""
+    if after - before >= min_gain:
+        return None
+    reason = (
+        f"{field} changed the local NCC from {before:.4f} to {after:.4f}, less than "
+        f"{stage}.min_gain ({min_gain:g}) better: alignment kept"
+    )
+    log.info("%s stage rejected: %s", stage, reason)
+    return reason

@@ -169,10 +169,8 @@ class PairBatch:
         )
 
 
-def collate_views(
-    views: Sequence[View], names: list[str], cross_patient: list[bool] | None = None
-) -> PairBatch:
-    """Stack views (pairs consecutive) with their local and global correspondence targets."""
+def view_targets(views: Sequence[View]) -> tuple[list, list]:
+    """Each view's local targets (only where it is ``reliable``) and global targets."""
     local = [
         feature_targets(
             v if v.reliable is None else View(v.image, v.axes_mm, v.valid & v.reliable),
@@ -181,7 +179,14 @@ def collate_views(
         )
         for v in views
     ]
-    global_ = [feature_targets(v, GLOBAL_STRIDE, GLOBAL_OFFSET) for v in views]
+    return local, [feature_targets(v, GLOBAL_STRIDE, GLOBAL_OFFSET) for v in views]
+
+
+def collate_views(
+    views: Sequence[View], names: list[str], cross_patient: list[bool] | None = None
+) -> PairBatch:
+    """Stack views (pairs consecutive) with their local and global correspondence targets."""
+    local, global_ = view_targets(views)
 
     def axes(targets: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return tuple(  # type: ignore[return-value]

@@ -59,17 +59,15 @@ import packed  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from SAMERegistrationLib.features.sam_network import GLOBAL_STRIDE, LOCAL_STRIDE, SAMNetwork  # noqa: E402
+from SAMERegistrationLib.features.sam_network import SAMNetwork  # noqa: E402
 from SAMERegistrationLib.train.sam_losses import LossConfig, sam_loss  # noqa: E402
 from SAMERegistrationLib.train.views import (  # noqa: E402
-    GLOBAL_OFFSET,
-    LOCAL_OFFSET,
     CropConfig,
     PairBatch,
     View,
     ViewGeometry,
     draw_pair_geometry,
-    feature_targets,
+    view_targets,
 )
 
 WEIGHTS_NAME = "sam_gpu.pth"
@@ -302,16 +300,7 @@ def _sample_at(
 def _batch(pairs: list[CropPair], device: torch.device) -> PairBatch:
     """The library's batch layout, with its loss targets (as ``views.collate_views``: the local
     targets only where a view is ``reliable``)."""
-    views = [view for pair in pairs for view in pair.views]
-    local = [
-        feature_targets(
-            v if v.reliable is None else View(v.image, v.axes_mm, v.valid & v.reliable),
-            LOCAL_STRIDE,
-            LOCAL_OFFSET,
-        )
-        for v in views
-    ]
-    global_ = [feature_targets(v, GLOBAL_STRIDE, GLOBAL_OFFSET) for v in views]
+    local, global_ = view_targets([view for pair in pairs for view in pair.views])
 
     def axes(targets):
         return tuple(
