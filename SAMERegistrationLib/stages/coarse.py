@@ -28,7 +28,6 @@ from ..matching import Matches, find_matches
 from . import StageContext, skipped
 from .similarity import DESCRIPTION, alignment_similarity, rejection
 
-
 MIN_MATCHES = 4  # fewer matches than this leave the stage out
 
 
