@@ -66,6 +66,12 @@ class Alignment:
         sign = float(np.sign(np.linalg.det(self.affine[:3, :3])))
         return spatial.folding_percent(self.field.detach().cpu(), self.grid, mask, sign)
 
+    def unfolded(self, passes: int) -> tuple[Alignment, int]:
+        """This map smoothed locally where it folds (``spatial.unfold``); the passes it took."""
+        sign = float(np.sign(np.linalg.det(self.affine[:3, :3])))
+        field, done = spatial.unfold(self.field.detach(), self.grid, passes, sign)
+        return self.with_field(field), done
+
     def displacement_slabs(
         self, grid: Grid, deformable_only: bool = False
     ) -> Iterator[tuple[int, int, np.ndarray]]:

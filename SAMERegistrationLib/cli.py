@@ -228,7 +228,11 @@ def _print_summary(result, paths: dict, seconds: float) -> None:
         elif info.get("status") == "rejected":
             lines.append(f"  {stage}: not kept ({info['reason']})")
     lines.append(f"  correspondences kept: {len(result.matches)}")
-    lines.append(f"  folding: {metrics['folding_percent']:.3f} % of the fixed body")
+    folding = f"  folding: {metrics['folding_percent']:.3f} % of the fixed body"
+    unfold = result.stages.get("finish", {}).get("unfold")
+    if unfold:
+        folding += f" ({unfold['folding_before']:.3f} % before {unfold['passes']} unfolding passes)"
+    lines.append(folding)
     if "mean_dice_after" in metrics:
         lines.append(
             f"  mean Dice: {metrics['mean_dice_before']:.3f} before, "

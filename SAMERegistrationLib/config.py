@@ -140,6 +140,9 @@ class RegistrationConfig:
     # centroid: body centres on each other; identity: the scanner coordinates as they are.
     initialisation: str = "search"
     seed: int = 0
+    # At the end, smooth the whole map locally where it folds (det J <= 0), at most this many
+    # 3x3x3 passes; 0 leaves any fold in place.
+    unfold_passes: int = 50
     initial_pose: InitialPoseConfig = field(default_factory=InitialPoseConfig)
     matching: MatchingConfig = field(default_factory=MatchingConfig)
     affine: AffineConfig = field(default_factory=AffineConfig)
@@ -241,7 +244,7 @@ _AT_LEAST: dict[float, tuple[str, ...]] = {
         "matching.search_radius_mm", "matching.ratio_exclusion_mm", "matching.overlap_margin_mm",
         "affine.outlier_factor", "affine.ransac_iterations", "coarse.smoothness", "coarse.iterations",
         "coarse.rematch_radius_mm", "instance.iterations", "instance.smoothness",
-        "instance.smoothing_passes",
+        "instance.smoothing_passes", "unfold_passes",
     ),
 }  # fmt: skip
 _POSITIVE = (

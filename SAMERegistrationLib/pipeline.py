@@ -126,14 +126,20 @@ def register(
     result.warnings = pose.warnings + pre.warnings + pose.final_warnings(result.affine)
     for warning in result.warnings:
         log.warning(warning)
-    result.metrics["folding_percent"] = result.alignment.folding_percent(pre.fixed.body)
+    folding = result.alignment.folding_percent(pre.fixed.body)
+    unfold = {}
+    if folding > 0 and config.unfold_passes:
+        result.alignment, passes = result.alignment.unfolded(config.unfold_passes)
+        unfold = {"folding_before": folding, "passes": passes}
+        folding = result.alignment.folding_percent(pre.fixed.body)
+    result.metrics["folding_percent"] = folding
     if "moving" in labels:
         result.warped_labels = result.warp(labels["moving"], labels=True)
     if "fixed" in labels and "moving" in labels:
         warped = result.warped_labels
         result.metrics.update(_dice_report(labels["fixed"], labels["moving"], warped))
     context.report("finish", 1, 1)
-    stages["finish"] = {"seconds": seconds_since(clock)}
+    stages["finish"] = {"seconds": seconds_since(clock), **({"unfold": unfold} if unfold else {})}
     return result
 
 

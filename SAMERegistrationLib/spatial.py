@@ -152,6 +152,48 @@ def folding_percent(
     return float((det <= 0).mean() * 100.0) if det.size else 0.0
 
 
+def unfold(
+    field: torch.Tensor, grid: Grid, passes: int, sign: float = 1.0, margin: int = 2
+) -> tuple[torch.Tensor, int]:
+    """Smooth ``field`` locally where the map folds, until it no longer does or ``passes`` run out.
+
+    Each pass replaces the displacement within ``margin`` voxels of every folded voxel
+    (det J <= 0, times ``sign`` as in ``folding_percent``) by its 3x3x3 box mean; elsewhere the
+    field is left exactly as it was. Only the box around the folds is revisited: a pass changes
+    the field inside the fold region alone, so new folds can only appear within one voxel of it.
+    Returns the field and the number of passes that changed it (``passes`` if folds remain).
+    """
+    field = field.clone()
+    size = field.shape[2:]
+    lo, hi = [0, 0, 0], list(size)
+    for done in range(passes):
+        box = (slice(None), slice(None), *(slice(a, b) for a, b in zip(lo, hi)))
+        sub = field[box]
+        folded = jacobian_determinant(sub, grid) * sign <= 0
+        # A face of the box inside the grid has one-sided differences there: not trusted.
+        trusted = tuple(
+            slice(1 if a > 0 else 0, -1 if b < n else None) for a, b, n in zip(lo, hi, size)
+        )
+        folded = folded & _mask_of(folded.shape, trusted, folded.device)
+        if not bool(folded.any()):
+            return field, done
+        region = F.max_pool3d(folded[None, None].float(), 2 * margin + 1, 1, margin)[0, 0] > 0
+        field[box] = torch.where(region, smooth(sub, 1), sub)
+        where = region.nonzero()
+        first, last = where.min(0).values.tolist(), where.max(0).values.tolist()
+        lo, hi = (
+            [max(a + f - 2, 0) for a, f in zip(lo, first)],
+            [min(a + t + 3, n) for a, t, n in zip(lo, last, size)],
+        )
+    return field, passes
+
+
+def _mask_of(shape: tuple[int, ...], box: tuple[slice, ...], device) -> torch.Tensor:
+    mask = torch.zeros(shape, dtype=torch.bool, device=device)
+    mask[box] = True
+    return mask
+
+
 def smooth(field: torch.Tensor, passes: int, kernel: int = 3) -> torch.Tensor:
     """Repeated box filtering (replicate borders): a cheap Gaussian-like smoother.
 

@@ -111,3 +111,44 @@ def test_smooth_is_the_cube_mean_with_repeated_borders_on_real_ct(abdomen_ct, on
     # A constant stays constant up to the border: nothing leaks in from outside the volume.
     constant = spatial.smooth(torch.full((1, 1, 5, 6, 7), 2.5), 3, 3)
     assert torch.allclose(constant, torch.full_like(constant, 2.5))
+
+
+def bump_field(peak_mm: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """u_x = peak * gaussian (sigma 3 voxels) at the centre: folds where its slope passes -1."""
+    z, y, x = torch.meshgrid(
+        *(torch.arange(n, dtype=torch.float32) for n in GRID.shape), indexing="ij"
+    )
+    centre = [n / 2 for n in GRID.shape]
+    bump = torch.exp(-((z - centre[0]) ** 2 + (y - centre[1]) ** 2 + (x - centre[2]) ** 2) / 18)
+    field = torch.zeros(1, 3, *GRID.shape)
+    field[0, 0] = peak_mm * bump
+    return field, bump
+
+
+def test_unfold_removes_a_fold_and_leaves_the_rest_of_the_field_exactly():
+    # Slope of peak * exp(-r^2 / 18) along x (2 mm voxels) is at most peak / (2 * 3) * 0.61.
+    field, bump = bump_field(peak_mm=15.0)
+    assert spatial.folding_percent(field, GRID) > 0.1
+    unfolded, passes = spatial.unfold(field, GRID, passes=50)
+    assert 0 < passes < 50
+    assert spatial.folding_percent(unfolded, GRID) == 0.0
+    far = bump < 1e-3  # beyond the fold region's margin
+    assert torch.equal(unfolded[0][:, far], field[0][:, far])
+    # A local repair: the bump keeps most of its height.
+    assert unfolded[0, 0].max() > 0.7 * 15.0
+
+
+def test_unfold_leaves_a_field_without_folds_alone():
+    field, _ = bump_field(peak_mm=4.0)  # slope at most 0.4: no fold
+    unfolded, passes = spatial.unfold(field, GRID, passes=50)
+    assert passes == 0
+    assert torch.equal(unfolded, field)
+
+
+def test_unfold_respects_an_orientation_flipping_affine():
+    # With sign -1 (an affine that mirrors), the identity field is the folded one everywhere and
+    # smoothing cannot help: every pass is used and the field is only smoothed.
+    field = torch.zeros(1, 3, *GRID.shape)
+    assert spatial.folding_percent(field, GRID, sign=-1.0) == 100.0
+    _, passes = spatial.unfold(field, GRID, passes=3, sign=-1.0)
+    assert passes == 3
