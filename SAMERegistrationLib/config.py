@@ -106,6 +106,9 @@ class DeformConfig:
     # Keep the network's field only if it raises the local NCC of the fixed and the pulled moving
     # image (inside the fixed body) by at least this much; -1 keeps every field.
     min_gain: float = 0.005
+    # Run the shipped network only on fixed scans like those it was trained on (its record's
+    # "domain": head & neck CT); weights given in ``weights`` are never checked.
+    domain_check: bool = True
 
 
 @dataclass
@@ -141,8 +144,8 @@ class RegistrationConfig:
     initialisation: str = "search"
     seed: int = 0
     # At the end, smooth the whole map locally where it folds (det J <= 0), at most this many
-    # 3x3x3 passes; 0 leaves any fold in place.
-    unfold_passes: int = 50
+    # passes (two 3x3x3 box means each); 0 leaves any fold in place.
+    unfold_passes: int = 20
     initial_pose: InitialPoseConfig = field(default_factory=InitialPoseConfig)
     matching: MatchingConfig = field(default_factory=MatchingConfig)
     affine: AffineConfig = field(default_factory=AffineConfig)

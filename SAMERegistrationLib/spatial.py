@@ -158,40 +158,59 @@ def unfold(
     """Smooth ``field`` locally where the map folds, until it no longer does or ``passes`` run out.
 
     Each pass replaces the displacement within ``margin`` voxels of every folded voxel
-    (det J <= 0, times ``sign`` as in ``folding_percent``) by its 3x3x3 box mean; elsewhere the
-    field is left exactly as it was. Only the box around the folds is revisited: a pass changes
-    the field inside the fold region alone, so new folds can only appear within one voxel of it.
-    Returns the field and the number of passes that changed it (``passes`` if folds remain).
+    (det J <= 0, times ``sign`` as in ``folding_percent``) by two rounds of 3x3x3 box means;
+    elsewhere the field is left exactly as it was. The determinant is computed on the whole grid once, then only
+    in boxes around clusters of folds: a pass changes the field within ``margin`` of a fold, so
+    the determinant can change only one voxel further. Returns the field and the number of passes
+    that changed it (``passes`` if folds remain).
     """
     field = field.clone()
-    size = field.shape[2:]
-    lo, hi = [0, 0, 0], list(size)
+    folded = jacobian_determinant(field, grid) * sign <= 0
+    pad = margin + 2  # the box faces stay two voxels clear of every changed voxel
     for done in range(passes):
-        box = (slice(None), slice(None), *(slice(a, b) for a, b in zip(lo, hi)))
-        sub = field[box]
-        folded = jacobian_determinant(sub, grid) * sign <= 0
-        # A face of the box inside the grid has one-sided differences there: not trusted.
-        trusted = tuple(
-            slice(1 if a > 0 else 0, -1 if b < n else None) for a, b, n in zip(lo, hi, size)
-        )
-        folded = folded & _mask_of(folded.shape, trusted, folded.device)
         if not bool(folded.any()):
             return field, done
-        region = F.max_pool3d(folded[None, None].float(), 2 * margin + 1, 1, margin)[0, 0] > 0
-        field[box] = torch.where(region, smooth(sub, 1), sub)
-        where = region.nonzero()
-        first, last = where.min(0).values.tolist(), where.max(0).values.tolist()
-        lo, hi = (
-            [max(a + f - 2, 0) for a, f in zip(lo, first)],
-            [min(a + t + 3, n) for a, t, n in zip(lo, last, size)],
-        )
+        for box in _fold_boxes(folded, pad):
+            where = (slice(None), slice(None), *box)
+            sub = field[where]
+            inside = folded[box][None, None].float()
+            region = F.max_pool3d(inside, 2 * margin + 1, 1, margin)[0, 0] > 0
+            field[where] = torch.where(region, smooth(sub, 2), sub)
+            # Faces of the box inside the grid get one-sided differences: keep their old value.
+            det = jacobian_determinant(field[where], grid) * sign <= 0
+            trusted = tuple(
+                slice(1 if b.start > 0 else 0, -1 if b.stop < n else None)
+                for b, n in zip(box, folded.shape)
+            )
+            folded[box][trusted] = det[trusted]
     return field, passes
 
 
-def _mask_of(shape: tuple[int, ...], box: tuple[slice, ...], device) -> torch.Tensor:
-    mask = torch.zeros(shape, dtype=torch.bool, device=device)
-    mask[box] = True
-    return mask
+FOLD_TILE = 16  # voxels per side of the tiles whose connected groups make the boxes of unfold
+
+
+def _fold_boxes(folded: torch.Tensor, pad: int) -> list[tuple[slice, slice, slice]]:
+    """Boxes (z, y, x slices) around the connected groups of tiles holding folded voxels."""
+    tiles = F.max_pool3d(folded[None, None].float(), FOLD_TILE, FOLD_TILE, ceil_mode=True)[0, 0]
+    occupied = tiles > 0
+    labels = torch.arange(1, occupied.numel() + 1, dtype=torch.float32).view(occupied.shape)
+    labels = labels * occupied
+    while True:  # each group takes the largest label in it (26-connected)
+        spread = F.max_pool3d(labels[None, None], 3, 1, 1)[0, 0] * occupied
+        if torch.equal(spread, labels):
+            break
+        labels = spread
+    boxes = []
+    for label in labels.unique()[1:] if occupied.any() else []:
+        cells = (labels == label).nonzero()
+        first, last = cells.min(0).values.tolist(), cells.max(0).values.tolist()
+        boxes.append(
+            tuple(
+                slice(max(f * FOLD_TILE - pad, 0), min((t + 1) * FOLD_TILE + pad, n))
+                for f, t, n in zip(first, last, folded.shape)
+            )
+        )
+    return boxes
 
 
 def smooth(field: torch.Tensor, passes: int, kernel: int = 3) -> torch.Tensor:

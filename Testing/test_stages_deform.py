@@ -101,3 +101,45 @@ def test_deform_weights_of_other_features_are_refused_before_work(ct_pair, tmp_p
     weights = translation_weights(tmp_path / "sam_deform.pth", [0.0, 0.0, 0.0], features="sam")
     with pytest.raises(ConfigError, match="trained with sam features"):
         register(*ct_pair, deform__weights=str(weights), **PIPELINE)
+
+
+NON_HEAD_NECK = [
+    "totalseg/example_ct.nii.gz",  # abdomen, whole outline in view
+    "popi/popi_phase00_ct_2mm.nii.gz",  # chest, whole outline in view
+    "totalseg/aorta_ct_cropped.nii.gz",  # a crop of the chest
+]
+
+
+def shipped_domain() -> dict:
+    return deform.read_record(deform.DEFAULT_RECORD)["domain"]
+
+
+def test_every_openkbp_validation_scan_lies_in_the_shipped_networks_domain(openkbp) -> None:
+    from SAMERegistrationLib.image import read_image, to_working_grid
+
+    scans = sorted(openkbp.glob("validation_pt_*_ct.nii.gz"))
+    assert len(scans) == 33
+    for scan in scans:
+        working = to_working_grid(read_image(scan, "scan"), 2.0)
+        assert deform.outside_training_domain(working, shipped_domain()) is None, scan.name
+
+
+@pytest.mark.parametrize("relative", NON_HEAD_NECK)
+def test_abdominal_and_chest_scans_lie_outside_it(relative) -> None:
+    from SAMERegistrationLib.image import read_image, to_working_grid
+
+    working = to_working_grid(read_image(require_data(relative), "scan"), 2.0)
+    reason = deform.outside_training_domain(working, shipped_domain())
+    assert reason is not None and "head & neck" in reason and "domain_check=false" in reason
+
+
+def test_the_pipeline_skips_the_shipped_network_on_an_abdomen_and_says_why(abdomen_ct) -> None:
+    crop = abdomen_ct[20:100, 15:85, 30:80]  # smaller, for time; still an abdomen
+    result = register(crop, crop, features="mind", coarse__enabled=False, instance__enabled=False)
+    assert result.stages["deform"]["status"] == "skipped"
+    assert "head & neck" in result.stages["deform"]["reason"]
+    forced = register(
+        crop, crop, features="mind", coarse__enabled=False, instance__enabled=False,
+        deform__domain_check=False,
+    )  # fmt: skip
+    assert forced.stages["deform"].get("status") in ("done", "rejected")

@@ -9,7 +9,11 @@ network shipped with the library runs where it fits (``choose_model``); otherwis
 skips this stage with a logged reason. The network's field is kept only where it helps: unless it
 raises the local NCC of the fixed and the pulled moving image inside the fixed body by
 ``deform.min_gain``, the stage returns the incoming alignment as "rejected" (a network can move a
-perfect alignment, or one of anatomy it was not trained on, for the worse).
+perfect alignment, or one of anatomy it was not trained on, for the worse). The shipped network
+was trained on head & neck CT only, and on abdominal and thoracic CT under known deformations its
+field raised the image similarity and still moved points further from the truth
+(``benchmarks/known_deformations.py``): so it runs only on fixed scans that resemble its training
+scans (``outside_training_domain``), unless ``deform.domain_check`` is off.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from ..deform_net.inputs import build_inputs
 from ..errors import ConfigError
 from ..features.base import FeatureMaps
 from ..shipped import MODELS, file_sha256, read_record, verify_shipped
+from ..working import WorkingImage
 from . import StageContext, skipped
 from .similarity import DESCRIPTION, local_similarity, pulled_window, rejection
 
@@ -150,6 +155,12 @@ def run(
         log.info("deform stage skipped: %s", context.deform_source)
         return alignment, skipped(context.deform_source)
     fixed, moving = context.fixed, context.moving
+    if config.deform.domain_check and not config.deform.weights:
+        domain = read_record(DEFAULT_RECORD).get("domain")
+        reason = outside_training_domain(fixed, domain) if domain else None
+        if reason is not None:
+            log.info("deform stage skipped: %s", reason)
+            return alignment, skipped(reason)
     device = alignment.field.device
     inputs = build_inputs(fixed, moving, fixed_maps, moving_maps, alignment, model.correlation)
     with torch.no_grad(), torch.autocast(device.type, torch.float16, enabled=device.type == "cuda"):
@@ -175,3 +186,37 @@ def run(
     if reason is not None:
         return alignment, {"status": "rejected", "reason": reason, **info}
     return composed, info
+
+
+def body_profile(image: WorkingImage) -> tuple[float, float]:
+    """The median axial cross-section of the body (cm2) over the slices that hold body, and the
+    share of those slices where the body reaches a side (x or y face) of the grid: where the
+    scan's field of view cut through the body."""
+    body = image.body[image.body.any(axis=(1, 2))]
+    if not len(body):
+        return 0.0, 0.0
+    spacing_x, spacing_y = image.grid.spacing[:2]
+    area = float(np.median(body.sum(axis=(1, 2)))) * spacing_x * spacing_y / 100.0
+    sides = body[:, :, 0] | body[:, :, -1], body[:, 0, :] | body[:, -1, :]
+    cut = float(np.mean(sides[0].any(axis=1) | sides[1].any(axis=1)))
+    return area, cut
+
+
+def outside_training_domain(fixed: WorkingImage, domain: dict) -> str | None:
+    """Why the fixed scan is unlike the shipped network's training scans, or None if it is alike.
+
+    ``domain`` (from the network's record) bounds the two figures of ``body_profile``: head &
+    neck CT has a small cross-section and is scanned with the whole body outline in view; an
+    abdomen or a chest is larger, and a crop of any trunk cuts through the body.
+    """
+    area, cut = body_profile(fixed)
+    max_area, max_cut = domain["median_body_area_cm2_max"], domain["side_cut_share_max"]
+    if area <= max_area and cut <= max_cut:
+        return None
+    return (
+        f"the fixed scan does not look like the {domain['scans']} the shipped network was "
+        f"trained on (median axial body section {area:.0f} cm2, at most {max_area:g} there; "
+        f"field of view cutting the body in {cut:.0%} of slices, at most {max_cut:.0%} there), "
+        "and outside them its field can move points away from the truth; set "
+        "deform.domain_check=false to run it anyway"
+    )
