@@ -107,7 +107,7 @@ class DeformConfig:
     # image (inside the fixed body) by at least this much; -1 keeps every field.
     min_gain: float = 0.005
     # Run the shipped network only on fixed scans like those it was trained on (its record's
-    # "domain": head & neck CT); weights given in ``weights`` are never checked.
+    # "domain": head & neck CT); other weights are never checked.
     domain_check: bool = True
 
 

@@ -155,7 +155,7 @@ def run(
         log.info("deform stage skipped: %s", context.deform_source)
         return alignment, skipped(context.deform_source)
     fixed, moving = context.fixed, context.moving
-    if config.deform.domain_check and not config.deform.weights:
+    if config.deform.domain_check and context.deform_source == DEFAULT_WEIGHTS.name:
         domain = read_record(DEFAULT_RECORD).get("domain")
         reason = outside_training_domain(fixed, domain) if domain else None
         if reason is not None:
