@@ -61,15 +61,19 @@ class Alignment:
         field = self.field.detach().to("cpu", torch.float64)
         return spatial.sample_points(field, self.grid, points)
 
+    def orientation(self) -> float:
+        """+1 where the affine keeps handedness, -1 where it mirrors: the sign of an unfolded det J."""
+        return float(np.sign(np.linalg.det(self.affine[:3, :3])))
+
     def folding_percent(self, mask: np.ndarray | None = None) -> float:
-        """% of working voxels (inside ``mask``) where the whole map folds; det(A) gives its sign."""
-        sign = float(np.sign(np.linalg.det(self.affine[:3, :3])))
-        return spatial.folding_percent(self.field.detach().cpu(), self.grid, mask, sign)
+        """% of working voxels (inside ``mask``) where the whole map folds."""
+        return spatial.folding_percent(
+            self.field.detach().cpu(), self.grid, mask, self.orientation()
+        )
 
     def unfolded(self, passes: int) -> tuple[Alignment, int]:
         """This map smoothed locally where it folds (``spatial.unfold``); the passes it took."""
-        sign = float(np.sign(np.linalg.det(self.affine[:3, :3])))
-        field, done = spatial.unfold(self.field.detach(), self.grid, passes, sign)
+        field, done = spatial.unfold(self.field.detach(), self.grid, passes, self.orientation())
         return self.with_field(field), done
 
     def displacement_slabs(
