@@ -22,6 +22,7 @@ from .working import AIR_HU, WorkingImage
 log = logging.getLogger(__name__)
 
 BODY_THRESHOLD_HU = -500.0
+CLOSING_RADIUS = 2  # voxels: the body mask's closing bridges gaps this wide
 MIN_SIZE = 8  # voxels per axis on the working grid; smaller volumes cannot be registered in 3-D
 
 ImageLike = str | os.PathLike | sitk.Image
@@ -121,6 +122,10 @@ def check_labels(labels: sitk.Image, image: sitk.Image, name: str) -> sitk.Image
 def to_working_grid(image: sitk.Image, spacing: float, margin_mm: float = 8.0) -> WorkingImage:
     """Resample onto an axis-aligned isotropic grid and crop it to the body (plus a margin)."""
     full = axis_aligned_grid_covering(Grid.from_sitk(image).corners(), spacing)
+    # Resample only the box around the tissue (most of a scan's field of view is air), with room
+    # for the closing and the margin: the body and the crop are those of the whole grid.
+    reach = int(np.ceil(margin_mm / spacing)) + CLOSING_RADIUS + 2
+    full = full.crop(*_tissue_box(image, full, reach))
     hu = resample_array(image, full, sitk.sitkLinear, AIR_HU)
     body = body_mask(hu)
     if not body.any():
@@ -143,6 +148,24 @@ def to_working_grid(image: sitk.Image, spacing: float, margin_mm: float = 8.0) -
     return WorkingImage(np.ascontiguousarray(hu[crop]), np.ascontiguousarray(body[crop]), grid)
 
 
+def _tissue_box(image: sitk.Image, grid: Grid, reach: int) -> tuple[tuple, tuple]:
+    """(start, stop) voxels (z, y, x) of ``grid`` holding every voxel of ``image`` above the body
+    threshold, widened by one voxel of ``image`` (interpolation) and ``reach`` voxels of ``grid``."""
+    above = sitk.GetArrayViewFromImage(image) > BODY_THRESHOLD_HU
+    spans = [np.flatnonzero(above.any(axis=others)) for others in ((1, 2), (0, 2), (0, 1))]
+    if len(spans[0]) == 0:
+        return (0, 0, 0), grid.shape
+    low = np.array([s[0] for s in spans[::-1]]) - 1.0  # x, y, z
+    high = np.array([s[-1] for s in spans[::-1]]) + 1.0
+    corners = np.array([[a, b, c] for a in (low[0], high[0]) for b in (low[1], high[1])
+                        for c in (low[2], high[2])])  # fmt: skip
+    source = Grid.from_sitk(image)
+    index = grid.physical_to_index(source.index_to_physical(corners))[:, ::-1]  # z, y, x
+    start = np.maximum(np.floor(index.min(axis=0)).astype(int) - reach, 0)
+    stop = np.minimum(np.ceil(index.max(axis=0)).astype(int) + reach + 1, grid.shape)
+    return tuple(int(v) for v in start), tuple(int(v) for v in stop)
+
+
 def resample_array(
     image: sitk.Image, grid: Grid, interpolator: int, default: float, transform=None
 ) -> np.ndarray:
@@ -159,6 +182,6 @@ def body_mask(hu: np.ndarray) -> np.ndarray:
         return np.zeros(hu.shape, dtype=bool)
     components = sitk.RelabelComponent(sitk.ConnectedComponent(mask), sortByObjectSize=True)
     largest = components == 1
-    closed = sitk.BinaryMorphologicalClosing(largest, [2, 2, 2])
+    closed = sitk.BinaryMorphologicalClosing(largest, [CLOSING_RADIUS] * 3)
     filled = sitk.BinaryFillhole(closed)
     return sitk.GetArrayFromImage(filled).astype(bool)

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from SAMERegistrationLib.grid import Grid
-from SAMERegistrationLib.image import read_image, to_working_grid
+from SAMERegistrationLib.grid import Grid, axis_aligned_grid_covering
+from SAMERegistrationLib.image import body_mask, read_image, resample_array, to_working_grid
 from SAMERegistrationLib.synthetic import make_phantom
 from SAMERegistrationLib.working import sam_intensity
 
@@ -75,6 +75,38 @@ def test_working_grid_keeps_physical_content_of_oblique_image():
     body = np.argwhere(sitk.GetArrayFromImage(image) > 0)
     corners = original.index_to_physical(body[[0, -1]][:, ::-1].astype(float))
     assert working.grid.contains(corners, margin_voxels=1.0).all()
+
+
+def _whole_grid_working(image: sitk.Image, spacing: float, margin_mm: float = 8.0):
+    """The working image the long way: the whole field of view resampled, then cropped."""
+    full = axis_aligned_grid_covering(Grid.from_sitk(image).corners(), spacing)
+    hu = resample_array(image, full, sitk.sitkLinear, -1024.0)
+    body = body_mask(hu)
+    margin = int(np.ceil(margin_mm / spacing))
+    found = np.nonzero(body)
+    start = tuple(max(int(a.min()) - margin, 0) for a in found)
+    stop = tuple(min(int(a.max()) + margin + 1, n) for a, n in zip(found, body.shape))
+    crop = tuple(slice(a, b) for a, b in zip(start, stop))
+    return hu[crop], body[crop], full.crop(start, stop)
+
+
+@pytest.mark.parametrize("spacing", [2.0, 4.0])
+def test_working_grid_resampled_around_the_tissue_equals_the_whole_field_of_view(spacing, openkbp):
+    """Only the box around the tissue is resampled; the result must not depend on it, on a real
+    scan and on an oblique one whose body sits off-centre in a wide field of view."""
+    oblique, _ = make_phantom(size_xyz=(90, 70, 40), spacing=3.0)
+    oblique = sitk.Cast(oblique, sitk.sitkFloat32)
+    oblique[:30, :, :] = -1024.0  # air over a third of the field of view
+    oblique.SetDirection(sitk.VersorTransform((0.3, -0.2, 1.0), np.radians(20)).GetMatrix())
+    oblique.SetOrigin((-80.0, 15.0, 40.0))
+    real = sitk.ReadImage(str(openkbp / "validation_pt_201_ct.nii.gz"))
+    for image in (oblique, real):
+        hu, body, grid = _whole_grid_working(image, spacing)
+        working = to_working_grid(image, spacing)
+        assert working.hu.shape == hu.shape and working.grid.shape == grid.shape
+        np.testing.assert_allclose(working.grid.origin, grid.origin, atol=1e-9)
+        np.testing.assert_array_equal(working.body, body)
+        np.testing.assert_allclose(working.hu, hu, atol=1e-3)
 
 
 def _single_voxel(point) -> sitk.Image:
