@@ -344,7 +344,7 @@ FEATURE_DEFAULTS: dict[str, dict[str, Any]] = {
         "affine.ransac_inlier_mm": 12.0,
         "coarse.rematch_radius_mm": 10.0,
         "instance.learning_rate": 0.01,
-        "instance.smoothness": 10000.0,
+        "instance.smoothness": 3000.0,
         "instance.cost_stride": 2,
     },
 }
