@@ -102,8 +102,14 @@ def find_openkbp(option: Path | None) -> Path:
 
 def validation_patients(openkbp: Path) -> list[str]:
     """Validation patients with both a CT and a label map, in numeric order."""
+    return split_patients(openkbp, "validation")
+
+
+def split_patients(openkbp: Path, split: str) -> list[str]:
+    """Patients of an OpenKBP split ("train" or "validation") with a CT and a label map, in
+    numeric order."""
     names = []
-    for ct in openkbp.glob("validation_pt_*_ct.nii.gz"):
+    for ct in openkbp.glob(f"{split}_pt_*_ct.nii.gz"):
         name = ct.name[: -len("_ct.nii.gz")]
         if (openkbp / f"{name}_label.nii.gz").is_file():
             names.append(name)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import re
 import sys
 import time
 from datetime import datetime
@@ -31,17 +30,9 @@ from _common import (
     machine_info,
     markdown_table,
     mean_or_none,
-    validation_patients,
+    split_patients,
     write_json,
 )
-
-
-def patients(openkbp: Path, split: str) -> list[str]:
-    if split == "validation":
-        return validation_patients(openkbp)
-    names = [p.name[: -len("_ct.nii.gz")] for p in openkbp.glob("train_pt_*_ct.nii.gz")]
-    names = [n for n in names if (openkbp / f"{n}_label.nii.gz").is_file()]
-    return sorted(names, key=lambda n: int(re.findall(r"\d+", n)[-1]))
 
 
 def score_pair(case: dict, weights: list[float]) -> dict:
@@ -102,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     openkbp = find_openkbp(args.data)
-    pairs = draw_pairs(patients(openkbp, args.split), args.pairs, args.seed)
+    pairs = draw_pairs(split_patients(openkbp, args.split), args.pairs, args.seed)
     results = []
     for n, (fixed, moving) in enumerate(pairs, 1):
         found = score_pair(case_files(openkbp, fixed, moving), args.smoothness)
