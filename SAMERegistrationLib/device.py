@@ -40,6 +40,22 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def inference_dtype(device: torch.device) -> torch.dtype | None:
+    """The reduced precision a network's inference runs in on ``device``, or None for float32.
+
+    Half precision on a GPU; bfloat16 on a CPU that computes it natively (AVX512-BF16 or AMX),
+    where oneDNN's convolutions then run about 2.5 times faster. Elsewhere bfloat16 would be
+    emulated, slower than float32.
+    """
+    if device.type == "cuda":
+        return torch.float16
+    try:
+        native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a build without oneDNN
+        native = False
+    return torch.bfloat16 if native else None
+
+
 def describe_device(device: torch.device) -> str:
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)

@@ -5,6 +5,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
+from SAMERegistrationLib import device as device_module
 from SAMERegistrationLib import grid as grid_module
 from SAMERegistrationLib import spatial
 from SAMERegistrationLib.alignment import Alignment
@@ -17,6 +18,7 @@ from SAMERegistrationLib.grid import Grid
 from SAMERegistrationLib.image import to_working_grid
 from SAMERegistrationLib.matching import Matches
 from SAMERegistrationLib.result import RegistrationResult
+from SAMERegistrationLib.stages import deform
 from SAMERegistrationLib.stages.deform import DEFAULT_WEIGHTS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -86,6 +88,30 @@ def test_deform_network_skips_the_padding_at_full_resolution(working) -> None:
     assert fast.shape == plain.shape == (1, 3, *working.grid.shape)
     assert float(plain.abs().max()) > 0.1  # the shifted pair asks for a field
     torch.testing.assert_close(fast, plain, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("native_bfloat16", [False, True])
+def test_the_deform_stage_predicts_what_the_plain_float32_network_gives(
+    working, monkeypatch, native_bfloat16
+) -> None:
+    if native_bfloat16 and device_module.inference_dtype(torch.device("cpu")) is None:
+        pytest.skip("this CPU has no native bfloat16")
+    if not native_bfloat16:
+        monkeypatch.setattr(deform, "inference_dtype", lambda device: None)
+    model = load_deform_weights(DEFAULT_WEIGHTS, map_location="cpu")
+    maps = MindExtractor().extract(working)
+    inputs = build_inputs(working, working, maps, maps, shifted(working.grid, (6, -4, 5)), True)
+    with torch.no_grad():
+        plain = padded_unet(model.network, inputs.moving, inputs.fixed, inputs.correlation)
+    predicted = deform.predict(model, inputs)
+    assert predicted.dtype == torch.float32
+    assert predicted.is_contiguous()  # the usual layout for the field code that follows
+    assert float(plain.abs().max()) > 0.1  # the shifted pair asks for a field
+    if native_bfloat16:  # about 3 significant digits: a few hundredths of a voxel
+        torch.testing.assert_close(predicted, plain, atol=0.1, rtol=0.02)
+        assert float((predicted - plain).abs().mean()) < 0.01
+    else:
+        torch.testing.assert_close(predicted, plain, atol=1e-5, rtol=0)
 
 
 def test_jacobian_in_slabs_equals_the_whole_field(working, monkeypatch) -> None:
