@@ -121,6 +121,9 @@ class InstanceConfig:
     smoothing_passes: int = 3  # 3x3x3 box filters applied to the displacement each step
     # Evaluate the similarity on every k-th fixed body voxel per axis; null = feature default.
     cost_stride: int | None = None
+    # MIND: compare descriptors computed at the working resolution (FeatureMaps.fine) rather than
+    # the matching's coarser ones; false saves 1-2 s per OpenKBP pair on a 2-core CPU.
+    fine_descriptors: bool = True
     # Keep the refinement only if it raises the feature similarity (its own cost, in [-1, 1]) by at
     # least this much: a perfect alignment gains nothing and must not move; -1 keeps every one.
     min_gain: float = 0.002

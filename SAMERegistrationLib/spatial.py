@@ -232,10 +232,10 @@ def _box_along(field: torch.Tensor, axis: int, kernel: int) -> torch.Tensor:
     widths = [0] * 6  # F.pad lists the last axis first
     widths[2 * (4 - axis) : 2 * (5 - axis)] = [pad, pad]
     padded = F.pad(field, widths, mode="replicate")
-    total = padded.narrow(axis, 0, n)
+    total = padded.narrow(axis, 0, n).clone()
     for shift in range(1, kernel):
-        total = total + padded.narrow(axis, shift, n)
-    return total / kernel
+        total += padded.narrow(axis, shift, n)  # in place: one array per pass, not one per term
+    return total.div_(kernel)
 
 
 def roughness(field: torch.Tensor, mean_over_axes: bool = False) -> torch.Tensor:

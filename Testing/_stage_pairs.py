@@ -46,7 +46,7 @@ def pulled_through(moving: WorkingImage, alignment: Alignment) -> WorkingImage:
 
 
 def mind_maps(*images: WorkingImage) -> list[FeatureMaps]:
-    extractor = MindExtractor(torch.device("cpu"))
+    extractor = MindExtractor(torch.device("cpu"), fine=True)
     return [extractor.extract(image) for image in images]
 
 

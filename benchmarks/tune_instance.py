@@ -43,7 +43,10 @@ def score_pair(case: dict, weights: list[float]) -> dict:
     from SAMERegistrationLib.evaluate import dice_per_label, mean_dice
     from SAMERegistrationLib.stages.instance import optimise_instance
 
-    before = register(case["fixed"], case["moving"], features="mind", instance__enabled=False)
+    # No instance step (0 iterations gain nothing, so the stage keeps the alignment), but the stage
+    # on: the features then carry the descriptors it compares.
+    before = register(case["fixed"], case["moving"], features="mind", instance__iterations=0)
+    assert before.stages["instance"]["status"] == "rejected"
     if before.stages["initial_pose"].get("reoriented"):
         # The stored features belong to the re-oriented moving scan, the alignment to the original.
         return {"skipped": "moving scan re-oriented by the initial pose"}

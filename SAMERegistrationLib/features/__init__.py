@@ -51,5 +51,6 @@ def make_extractor(config: RegistrationConfig, device: torch.device) -> FeatureE
 
     name, weights = resolve_features(config.features, config.sam_weights)
     if name == "mind":
-        return MindExtractor(device)
+        instance = config.instance
+        return MindExtractor(device, fine=instance.enabled and instance.fine_descriptors)
     return SamExtractor(weights, device)

@@ -25,6 +25,10 @@ class FeatureMaps:
     global_: torch.Tensor
     grid: Grid
     body: np.ndarray
+    # Local descriptors computed at the working grid's own resolution and averaged onto the
+    # feature grid: finer detail for instance optimisation, which uses them in place of ``local``
+    # when both scans have them. Matching and the deform network keep ``local``.
+    fine: torch.Tensor | None = None
 
     def descriptor(self) -> torch.Tensor:
         """SAME's matching descriptor: global and local joined, scaled so that dot in [-1, 1]."""

@@ -1,7 +1,8 @@
 """SAM instance optimisation: per-pair refinement of the field on feature similarity.
 
 A displacement d on the fixed feature grid is optimised with Adam so that the moving features,
-sampled through the current map after d, agree with the fixed features (cosine, local + global).
+sampled through the current map after d, agree with the fixed features (cosine, local + global;
+the finer local descriptors where the extractor gives them, ``FeatureMaps.fine``).
 The result is the current map composed after (id + d), kept only if the similarity rose by
 ``instance.min_gain``: otherwise the stage returns the incoming alignment as "rejected", so that a
 perfect alignment (nothing to gain) is not moved by the optimiser's drift.
@@ -54,9 +55,12 @@ def optimise_instance(
     lattice[::k, ::k, ::k] = True
     body = body & lattice
     points = spatial.voxel_points(grid, device)[0][body]  # (N, 3) body voxels of the fixed grid
-    target = torch.cat([fixed.global_, fixed.local], dim=1)[0][:, body].T  # (N, C)
+    fixed_local, moving_local = fixed.local, moving.local
+    if fixed.fine is not None and moving.fine is not None:
+        fixed_local, moving_local = fixed.fine, moving.fine
+    target = torch.cat([fixed.global_, fixed_local], dim=1)[0][:, body].T  # (N, C)
     # Moving features pulled through the current map once: M(phi(x + d)) ~ W(x + d).
-    warped = alignment.pull(torch.cat([moving.global_, moving.local], dim=1), moving.grid, grid)
+    warped = alignment.pull(torch.cat([moving.global_, moving_local], dim=1), moving.grid, grid)
     half = fixed.global_.shape[1]
 
     def cost(disp_normalised: torch.Tensor) -> torch.Tensor:

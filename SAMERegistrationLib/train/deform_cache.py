@@ -144,7 +144,9 @@ class PairCache:
         from ..pipeline import pre_align  # the pipeline imports the stages; import it when needed
 
         if self._extractor is None:
-            self._extractor = make_extractor(self.config, self.device)
+            # Only the pre-alignment runs here: no instance optimisation, no fine descriptors.
+            no_instance = self.config.with_overrides({"instance.enabled": False})
+            self._extractor = make_extractor(no_instance, self.device)
         images = [
             check_ct(read_image(p, "training scan"), f"training scan {p}") for p in (fixed, moving)
         ]
