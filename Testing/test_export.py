@@ -174,12 +174,24 @@ def test_displacement_file_loads_in_slicer_as_resampling_transform(registered):
     scene.AddNode(storage)
     storage.SetFileName(str(paths["transform"]))
     assert storage.ReadData(node)
-    lps = inside_points(Grid.from_sitk(fixed), count=5, seed=2)
-    expected = result.map_points(lps)
     from_parent = node.GetTransformFromParent()
-    for p, e in zip(lps, expected):
+    grid = Grid.from_sitk(fixed)
+    # At the voxel centres the file holds the library's map itself (float32) ...
+    centres = grid.index_to_physical(np.array([[3, 4, 5], [20, 30, 10], [50, 40, 30]]))
+    for p, e in zip(centres, result.map_points(centres)):
         got = from_parent.TransformPoint([-p[0], -p[1], p[2]])
-        np.testing.assert_allclose(got, [-e[0], -e[1], e[2]], atol=0.05)
+        np.testing.assert_allclose(got, [-e[0], -e[1], e[2]], atol=1e-3)
+    # ... and between them, interpolated linearly as ITK does (Slicer's default is cubic), Slicer
+    # reads the same field at the same places.
+    assert from_parent.GetInterpolationModeAsString() == "Cubic"
+    from_parent.SetInterpolationModeToLinear()
+    itk = sitk.DisplacementFieldTransform(
+        sitk.ReadImage(str(paths["transform"]), sitk.sitkVectorFloat64)
+    )
+    for p in inside_points(grid, count=5, seed=2):
+        got = from_parent.TransformPoint([-p[0], -p[1], p[2]])
+        e = itk.TransformPoint(tuple(p))
+        np.testing.assert_allclose(got, [-e[0], -e[1], e[2]], atol=1e-3)
 
 
 def test_existing_outputs_are_not_overwritten(registered, tmp_path):
