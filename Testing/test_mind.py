@@ -3,7 +3,8 @@
 import numpy as np
 import torch
 
-from SAMERegistrationLib.features import MindExtractor
+from SAMERegistrationLib.config import RegistrationConfig
+from SAMERegistrationLib.features import MindExtractor, make_extractor
 from SAMERegistrationLib.grid import Grid
 from SAMERegistrationLib.working import WorkingImage
 
@@ -40,3 +41,16 @@ def test_fine_descriptors_respond_symmetrically_about_the_feature_voxel_of_a_pla
         touched = np.flatnonzero(fine[0].norm(dim=0).amax(dim=(1, 2)).numpy() > 0.5)
         assert touched.size > 1
         assert k - touched[0] == touched[-1] - k, touched
+
+
+def test_the_pipeline_asks_for_fine_descriptors_only_when_instance_optimisation_reads_them() -> (
+    None
+):
+    cpu = torch.device("cpu")
+    default = RegistrationConfig(features="mind")
+    assert make_extractor(default, cpu).fine
+    off = default.with_overrides({"instance.fine_descriptors": False})
+    assert not make_extractor(off, cpu).fine
+    assert not make_extractor(default.with_overrides({"instance.enabled": False}), cpu).fine
+    maps = make_extractor(off, cpu).extract(plane_image(20))
+    assert maps.fine is None  # instance optimisation then compares the local descriptors
