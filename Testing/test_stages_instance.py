@@ -32,15 +32,14 @@ def test_run_reduces_a_known_misalignment(descriptors) -> None:
     assert fixed_maps.fine is not None and moving_maps.fine is not None
     if descriptors == "local":  # as for SAM embeddings, which have no finer map
         fixed_maps = dataclasses.replace(fixed_maps, fine=None)
-    wrong = WRONG
-    start = Alignment.identity(GRID).with_affine(wrong)
+    start = Alignment.identity(GRID).with_affine(WRONG)
     aligned, info = instance.run(fixed_maps, moving_maps, start, CONFIG)
     points = GRID.index_to_physical(np.argwhere(fixed.body[::3, ::3, ::3])[:, ::-1] * 3.0)
     before = np.linalg.norm(start.map_points(points) - (points + SHIFT), axis=1)
     after = np.linalg.norm(aligned.map_points(points) - (points + SHIFT), axis=1)
     assert info["similarity_after"] > info["similarity_before"]
     assert after.mean() < 0.5 * before.mean(), f"{before.mean():.2f} -> {after.mean():.2f} mm"
-    np.testing.assert_array_equal(aligned.affine, wrong)  # the refinement lives in the field
+    np.testing.assert_array_equal(aligned.affine, WRONG)  # the refinement lives in the field
 
 
 def test_the_fine_descriptors_replace_the_local_ones_when_both_scans_have_them() -> None:
