@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from .grid import Grid, slab_bounds
 
 DETERMINANT_SLAB_VOXELS = 1_000_000  # voxels per slab of the Jacobian determinant
+SPLIT_SAMPLE_POINTS = 65_536  # fewer points are sampled in one batch item (one thread)
 
 
 def _require_axis_aligned(grid: Grid) -> None:
@@ -56,8 +57,22 @@ def sample(volume: torch.Tensor, grid: Grid, points: torch.Tensor, mode: str = "
     Points outside the grid take the value at the nearest border voxel.
     """
     shape = points.shape[1:-1]
-    norm = physical_to_normalized(points, grid).reshape(1, -1, 1, 1, 3)
-    out = F.grid_sample(volume, norm, mode=mode, padding_mode="border", align_corners=True)
+    norm = physical_to_normalized(points, grid).reshape(-1, 3)
+    count = norm.shape[0]
+    # On a CPU, 3-D grid_sample runs one thread per batch item: split the points over a batch
+    # of as many items as threads, all reading the same (expanded, not copied) volume.
+    parts = torch.get_num_threads() if volume.device.type == "cpu" else 1
+    parts = parts if count >= SPLIT_SAMPLE_POINTS else 1
+    if count % parts:
+        norm = torch.cat([norm, norm[: parts - count % parts]])
+    out = F.grid_sample(
+        volume.expand(parts, -1, -1, -1, -1),
+        norm.view(parts, -1, 1, 1, 3),
+        mode=mode,
+        padding_mode="border",
+        align_corners=True,
+    )
+    out = out.transpose(0, 1).reshape(volume.shape[1], -1)[:, :count]
     return out.reshape(1, volume.shape[1], *shape)
 
 
@@ -127,15 +142,17 @@ def jacobian_determinant(field: torch.Tensor, grid: Grid) -> torch.Tensor:
 
 def _jacobian_determinant(u: torch.Tensor, spacing: tuple[float, ...]) -> torch.Tensor:
     u = u.double()
-    grads = []
+    grads = []  # grads[j][i] = d u_i / d x_j
     for dim, step in zip((3, 2, 1), spacing):  # d/dx, d/dy, d/dz over (z, y, x) axes
         if u.shape[dim] < 2:
             grads.append(torch.zeros_like(u))
         else:
             grads.append(torch.gradient(u, spacing=step, dim=dim)[0])
-    jac = torch.stack(grads, dim=-1)  # (3 components, D, H, W, 3 derivatives)
-    jac = jac.permute(1, 2, 3, 0, 4) + torch.eye(3, dtype=u.dtype, device=u.device)
-    return torch.linalg.det(jac)
+    (a, d, g), (b, e, h), (c, f, i) = grads  # the rows of J - I: (a b c), (d e f), (g h i)
+    a, e, i = a + 1.0, e + 1.0, i + 1.0
+    # Expanded along the first row: elementwise, where a batched linalg.det of 3x3 matrices is
+    # several times slower on a CPU.
+    return a * (e * i - f * h) - b * (d * i - f * g) + c * (d * h - e * g)
 
 
 def folding_percent(
@@ -174,7 +191,7 @@ def unfold(
             where = (slice(None), slice(None), *box)
             sub = field[where]
             inside = folded[box][None, None].float()
-            region = F.max_pool3d(inside, 2 * margin + 1, 1, margin)[0, 0] > 0
+            region = _dilate(inside, margin)[0, 0] > 0
             field[where] = torch.where(region, smooth(sub, 2), sub)
             # Faces of the box inside the grid get one-sided differences: keep their old value.
             det = jacobian_determinant(field[where], grid) * sign <= 0
@@ -184,6 +201,16 @@ def unfold(
             )
             folded[box][trusted] = det[trusted]
     return field, passes
+
+
+def _dilate(mask: torch.Tensor, radius: int) -> torch.Tensor:
+    """Max over the (2 radius + 1)^3 cube around each voxel, one axis at a time (the cube's max
+    is the max of its axes', at a fraction of the cost of one 3-D window)."""
+    for axis in range(3):
+        size, pad = [1, 1, 1], [0, 0, 0]
+        size[axis], pad[axis] = 2 * radius + 1, radius
+        mask = F.max_pool3d(mask, size, 1, pad)
+    return mask
 
 
 FOLD_TILE = 16  # voxels per side of the tiles whose connected groups make the boxes of unfold
@@ -221,21 +248,79 @@ def smooth(field: torch.Tensor, passes: int, kernel: int = 3) -> torch.Tensor:
     their gradients) cost a fraction of a 3-D pooling window.
     """
     for _ in range(passes):
-        for axis in (2, 3, 4):
-            field = _box_along(field, axis, kernel)
+        field = box_mean(field, kernel)
     return field
 
 
-def _box_along(field: torch.Tensor, axis: int, kernel: int) -> torch.Tensor:
-    """Mean over ``kernel`` neighbours along one axis, the border voxel repeated beyond the ends."""
+def box_mean(field: torch.Tensor, kernel: int, border: str = "replicate") -> torch.Tensor:
+    """Mean over the ``kernel``-voxel cube around each voxel of a (N, C, D, H, W) tensor.
+
+    ``border``: "replicate" repeats the border voxel beyond the ends; "shrink" averages over the
+    part of the cube inside the volume (as ``avg_pool3d`` with ``count_include_pad=False``).
+    """
+    if border not in ("replicate", "shrink"):
+        raise ValueError(f"border must be 'replicate' or 'shrink', not {border!r}")
+    for axis in (2, 3, 4):
+        field = _BoxAlong.apply(field, axis, kernel, border)
+    return field
+
+
+class _BoxAlong(torch.autograd.Function):
+    """Mean over ``kernel`` neighbours along one axis, with its adjoint as the gradient.
+
+    Autograd through the shifted sums would allocate and fill a padded array per term; the
+    adjoint is itself a few shifted sums.
+    """
+
+    @staticmethod
+    def forward(ctx, field: torch.Tensor, axis: int, kernel: int, border: str) -> torch.Tensor:
+        ctx.axis, ctx.kernel, ctx.border = axis, kernel, border
+        if border == "replicate":
+            return _shifted_sum(field, axis, kernel, "replicate").div_(kernel)
+        return _shifted_sum(field, axis, kernel, "zeros").div_(_window_counts(field, axis, kernel))
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        axis, kernel = ctx.axis, ctx.kernel
+        if ctx.border == "shrink":
+            weighted = grad / _window_counts(grad, axis, kernel)
+            return _shifted_sum(weighted, axis, kernel, "zeros"), None, None, None
+        out = _shifted_sum(grad, axis, kernel, "zeros").div_(kernel)
+        # Output j < pad read the first voxel (pad - j) extra times through the padding; the
+        # last voxel likewise from the other end.
+        n, pad = grad.shape[axis], kernel // 2
+        for j in range(min(pad, n)):
+            out.narrow(axis, 0, 1).add_(grad.narrow(axis, j, 1), alpha=(pad - j) / kernel)
+            out.narrow(axis, n - 1, 1).add_(
+                grad.narrow(axis, n - 1 - j, 1), alpha=(pad - j) / kernel
+            )
+        return out, None, None, None
+
+
+def _shifted_sum(field: torch.Tensor, axis: int, kernel: int, padding: str) -> torch.Tensor:
+    """Sum over ``kernel`` neighbours along one axis; beyond the ends the border voxel
+    ("replicate") or zero ("zeros")."""
     n, pad = field.shape[axis], kernel // 2
     widths = [0] * 6  # F.pad lists the last axis first
     widths[2 * (4 - axis) : 2 * (5 - axis)] = [pad, pad]
-    padded = F.pad(field, widths, mode="replicate")
+    padded = (
+        F.pad(field, widths, mode="replicate") if padding == "replicate" else F.pad(field, widths)
+    )
     total = padded.narrow(axis, 0, n).clone()
     for shift in range(1, kernel):
         total += padded.narrow(axis, shift, n)  # in place: one array per pass, not one per term
-    return total.div_(kernel)
+    return total
+
+
+def _window_counts(field: torch.Tensor, axis: int, kernel: int) -> torch.Tensor:
+    """How many of the ``kernel`` neighbours along ``axis`` lie inside the volume, broadcastable."""
+    n, pad = field.shape[axis], kernel // 2
+    index = torch.arange(n, device=field.device)
+    count = (index + pad).clamp(max=n - 1) - (index - pad).clamp(min=0) + 1
+    shape = [1] * field.dim()
+    shape[axis] = n
+    return count.view(shape).to(field.dtype)
 
 
 def roughness(field: torch.Tensor, mean_over_axes: bool = False) -> torch.Tensor:

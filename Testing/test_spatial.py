@@ -39,7 +39,7 @@ def test_compose_applies_inner_first():
 
 
 def test_jacobian_of_linear_map_is_its_determinant():
-    matrix = np.array([[1.1, 0.2, 0.0], [0.0, 0.9, 0.1], [0.05, 0.0, 1.2]])
+    matrix = np.array([[1.1, 0.2, -0.1], [0.15, 0.9, 0.1], [0.05, -0.2, 1.2]])
     det = spatial.jacobian_determinant(linear_field(matrix), GRID)
     np.testing.assert_allclose(det.numpy(), np.linalg.det(matrix), rtol=1e-4)
 
@@ -113,6 +113,60 @@ def test_smooth_is_the_cube_mean_with_repeated_borders_on_real_ct(abdomen_ct, on
     assert torch.allclose(constant, torch.full_like(constant, 2.5))
 
 
+def test_sample_split_over_threads_equals_one_batch_item(abdomen_ct, one_thread) -> None:
+    import SimpleITK as sitk
+
+    hu = sitk.GetArrayFromImage(abdomen_ct)[20:60, 20:70, 10:80].astype(np.float32)
+    grid = Grid(hu.shape, (1.5, 1.0, 2.0), (-10.0, 5.0, 3.0))
+    volume = torch.as_tensor(hu / 1000.0)[None, None].repeat(1, 2, 1, 1, 1)
+    # A point count that no thread count divides, some points outside the grid (border values).
+    generator = torch.Generator().manual_seed(1)
+    corners = torch.as_tensor(grid.corners(), dtype=torch.float32)
+    low, high = corners.min(0).values - 5, corners.max(0).values + 5
+    points = low + (high - low) * torch.rand(1, 70_001, 3, generator=generator)
+    assert points.shape[1] >= spatial.SPLIT_SAMPLE_POINTS
+    results = {}
+    for threads in (1, 3):
+        torch.set_num_threads(threads)
+        moved = points.clone().requires_grad_(True)
+        values = spatial.sample(volume, grid, moved)
+        (grad,) = torch.autograd.grad(values.square().sum(), moved)
+        results[threads] = values.detach(), grad
+    assert results[1][0].shape == (1, 2, 70_001)
+    assert torch.equal(results[3][0], results[1][0])
+    assert torch.equal(results[3][1], results[1][1])
+    # And the value at a voxel centre is that voxel's.
+    centre = torch.as_tensor(grid.index_to_physical([[7, 9, 4]]), dtype=torch.float32)[None]
+    assert torch.isclose(spatial.sample(volume, grid, centre)[0, 0, 0], volume[0, 0, 4, 9, 7])
+
+
+def test_shrinking_box_mean_is_avg_pool_without_padding_on_real_ct(abdomen_ct, one_thread) -> None:
+    import SimpleITK as sitk
+
+    hu = sitk.GetArrayFromImage(abdomen_ct)[30:45, 20:60, 10:70].astype(np.float32)
+    volume = torch.as_tensor(hu / 1000.0)[None, None]
+    for kernel in (3, 9):
+        expected = torch.nn.functional.avg_pool3d(
+            volume, kernel, stride=1, padding=kernel // 2, count_include_pad=False
+        )
+        torch.testing.assert_close(spatial.box_mean(volume, kernel, "shrink"), expected)
+    # Replicated borders differ from shrunk ones at the border only.
+    replicate = spatial.box_mean(volume, 3)
+    assert not torch.allclose(replicate, spatial.box_mean(volume, 3, "shrink"))
+    inner = (..., slice(1, -1), slice(1, -1), slice(1, -1))
+    torch.testing.assert_close(replicate[inner], spatial.box_mean(volume, 3, "shrink")[inner])
+
+
+def test_box_mean_gradient_is_that_of_the_mean_it_computes() -> None:
+    # The adjoint written by hand, against finite differences in float64: borders on every
+    # axis, and axes shorter than the window.
+    generator = torch.Generator().manual_seed(3)
+    for shape in ((1, 2, 5, 4, 6), (1, 1, 1, 2, 9)):
+        field = torch.rand(shape, dtype=torch.float64, generator=generator, requires_grad=True)
+        for kernel, border in ((3, "replicate"), (5, "replicate"), (3, "shrink"), (5, "shrink")):
+            assert torch.autograd.gradcheck(spatial.box_mean, (field, kernel, border))
+
+
 def bump_field(peak_mm: float) -> tuple[torch.Tensor, torch.Tensor]:
     """u_x = peak * gaussian (sigma 3 voxels) at the centre: folds where its slope passes -1."""
     z, y, x = torch.meshgrid(
@@ -136,6 +190,22 @@ def test_unfold_removes_a_fold_and_leaves_the_rest_of_the_field_exactly():
     assert torch.equal(unfolded[0][:, far], field[0][:, far])
     # A local repair: the bump keeps most of its height.
     assert unfolded[0, 0].max() > 0.7 * 15.0
+
+
+def test_one_unfold_pass_changes_exactly_the_cube_around_each_folded_voxel():
+    field, _ = bump_field(peak_mm=15.0)
+    folded = (spatial.jacobian_determinant(field, GRID) <= 0).numpy()
+    once, _ = spatial.unfold(field, GRID, passes=1, margin=2)
+    changed = (once != field)[0].any(dim=0).numpy()
+    # Brute force: every voxel within 2 voxels (Chebyshev) of a folded one.
+    padded = np.pad(folded, 2)
+    near = np.zeros_like(folded)
+    for dz, dy, dx in np.ndindex(5, 5, 5):
+        near |= padded[
+            dz : dz + folded.shape[0], dy : dy + folded.shape[1], dx : dx + folded.shape[2]
+        ]
+    assert folded.any() and near.sum() > folded.sum()
+    np.testing.assert_array_equal(changed, near)
 
 
 def test_unfold_leaves_a_field_without_folds_alone():

@@ -11,7 +11,8 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
+
+from ..spatial import box_mean
 
 SIMILARITIES = ("lncc", "ncc")
 MASK_LEVEL = 0.8
@@ -26,15 +27,8 @@ def local_ncc(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor, window: int)
     """Mean squared local correlation of two (1, 1, D, H, W) images inside ``mask``, in [0, 1]."""
 
     def box(x: torch.Tensor) -> torch.Tensor:
-        # Separable: three 1-D means cost 3k per voxel instead of k^3. Windows are cut at the
-        # image border (count_include_pad=False), and a cut box is still the product of its axes.
-        for axis in range(3):
-            size = [1, 1, 1]
-            size[axis] = window
-            pad = [0, 0, 0]
-            pad[axis] = window // 2
-            x = F.avg_pool3d(x, size, stride=1, padding=pad, count_include_pad=False)
-        return x
+        # Windows are cut at the image border, as avg_pool3d with count_include_pad=False.
+        return box_mean(x, window, border="shrink")
 
     mean_a, mean_b = box(a), box(b)
     cov = box(a * b) - mean_a * mean_b
