@@ -21,6 +21,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import torch
 
 slicer = pytest.importorskip(
     "slicer", reason="needs the slicer-core wheel (pip install slicer-core)"
@@ -120,10 +121,18 @@ def run(scene):
         **outputs,
         **SETTINGS,
     )
-    result = register(
-        mrml.image_from_volume_node(fixed), pair.moving, moving_labels=pair.moving_labels,
-        **LIBRARY_SETTINGS,
-    )  # fmt: skip
+    # The same registration in this process, on as many torch threads as the logic's child
+    # process used (earlier tests may have changed this process's): the optimisers' sums, and
+    # so the fields, depend on the thread count in their last digits.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(child_torch_threads())
+    try:
+        result = register(
+            mrml.image_from_volume_node(fixed), pair.moving, moving_labels=pair.moving_labels,
+            **LIBRARY_SETTINGS,
+        )  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
     return SimpleNamespace(
         job=job,
         logic=registration,
@@ -135,6 +144,13 @@ def run(scene):
         progress=progress,
         **outputs,
     )
+
+
+def child_torch_threads() -> int:
+    """torch's thread count in a fresh process with this environment, as the logic starts one."""
+    code = "import torch; print(torch.get_num_threads())"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return int(done.stdout.strip())
 
 
 def random_fixed_points(grid, count=400, seed=3):
@@ -191,12 +207,11 @@ def test_point_mapped_through_the_nodes_equals_the_library_map(run):
     # Between voxel centres the grid node interpolates the field sampled on the fixed grid.
     np.testing.assert_allclose(through_nodes, library, atol=0.15)
     centres = grid.index_to_physical(np.argwhere(np.ones(grid.shape))[::53][:, ::-1].astype(float))
-    # At them the node holds the library's own values (float32); Slicer's evaluation of the grid
-    # node still differed by up to 5 micrometres at 0.4 % of them where the field changes fast.
+    # At them the node holds the library's own values (float32).
     np.testing.assert_allclose(
         mrml.map_points_through(linear, centres @ mrml.FLIP) @ mrml.FLIP,
         run.result.map_points(centres),
-        atol=0.01,
+        atol=1e-3,
     )
 
 
@@ -215,8 +230,8 @@ def test_warped_volume_equals_the_library_warp(run):
     inside = np.all((index > 0.5) & (index < np.array(run.pair.moving.GetSize()) - 1.5), axis=1)
     assert inside.mean() > 0.5
     difference = np.abs(slicer_values - library)[tuple(zyx[inside].T)]
-    # int16 voxels: rounding, and at steep edges the micrometres of the test above.
-    assert np.mean(difference <= 1.0 + 1e-6) > 0.995 and difference.max() <= 5.0
+    # int16 voxels: rounding.
+    assert difference.max() <= 1.0 + 1e-6
 
 
 def test_warped_segmentation_equals_the_library_warp(run, scene):
