@@ -83,8 +83,12 @@ def test_instance_does_not_move_a_perfect_alignment(shifted_pair) -> None:
 @pytest.fixture(scope="module")
 def ct_against_itself():
     ct = require_data("openkbp") / "validation_pt_201_ct.nii.gz"
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    return register(ct, ct)  # the default configuration: all stages, MIND, 2 mm
+    try:
+        return register(ct, ct)  # the default configuration: all stages, MIND, 2 mm
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_a_real_ct_registered_to_itself_is_left_by_the_deformable_stages(ct_against_itself) -> None:

@@ -19,8 +19,7 @@ def plane_image(plane_z: int) -> WorkingImage:
     )
 
 
-def test_fine_descriptors_are_unit_vectors_on_the_feature_grid() -> None:
-    torch.set_num_threads(1)
+def test_fine_descriptors_are_unit_vectors_on_the_feature_grid(one_thread) -> None:
     maps = MindExtractor(fine=True).extract(plane_image(20))
     assert maps.fine is not None
     assert maps.fine.shape == maps.local.shape == (1, 12, 20, 12, 12)
@@ -31,11 +30,12 @@ def test_fine_descriptors_are_unit_vectors_on_the_feature_grid() -> None:
     assert float(maps.fine.mean(dim=1).abs().max()) < 1e-5  # centred per voxel
 
 
-def test_fine_descriptors_respond_symmetrically_about_the_feature_voxel_of_a_plane() -> None:
+def test_fine_descriptors_respond_symmetrically_about_the_feature_voxel_of_a_plane(
+    one_thread,
+) -> None:
     # Feature voxel k sits on working voxel 2k: a plane there must leave the same number of
     # feature slices touched above and below it (an average over working voxels 2k and 2k + 1
     # would not).
-    torch.set_num_threads(1)
     for k in (9, 10):
         fine = MindExtractor(fine=True).extract(plane_image(2 * k)).fine
         touched = np.flatnonzero(fine[0].norm(dim=0).amax(dim=(1, 2)).numpy() > 0.5)

@@ -3,7 +3,6 @@ and the refinement passes re-match around the current affine."""
 
 import numpy as np
 import pytest
-import torch
 from _stage_pairs import GRID, matches_through, mind_maps, shifted, textured_body
 
 from SAMERegistrationLib.alignment import Alignment
@@ -56,8 +55,7 @@ def test_too_few_matches_are_refused_with_a_reason() -> None:
         affine.run(None, None, Alignment.identity(GRID), config(), StageContext(matches=few))
 
 
-def test_refinement_passes_rematch_around_the_current_affine() -> None:
-    torch.set_num_threads(1)
+def test_refinement_passes_rematch_around_the_current_affine(one_thread) -> None:
     shift = np.array([6.0, -4.0, 8.0])
     fixed = textured_body()
     moving = shifted(fixed, shift)

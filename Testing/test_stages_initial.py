@@ -16,9 +16,13 @@ SHIFT = np.array([16.0, -8.0, 24.0])
 
 @pytest.fixture(scope="module")
 def maps():
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    fixed = textured_body()
-    return mind_maps(fixed, shifted(fixed, SHIFT))
+    try:
+        fixed = textured_body()
+        return mind_maps(fixed, shifted(fixed, SHIFT))
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("mode", ["search", "centroid"])

@@ -25,8 +25,7 @@ CONFIG = (
 
 
 @pytest.mark.parametrize("descriptors", ["fine", "local"])
-def test_run_reduces_a_known_misalignment(descriptors) -> None:
-    torch.set_num_threads(1)
+def test_run_reduces_a_known_misalignment(descriptors, one_thread) -> None:
     fixed = textured_body()
     fixed_maps, moving_maps = mind_maps(fixed, shifted(fixed, SHIFT))
     assert fixed_maps.fine is not None and moving_maps.fine is not None
@@ -42,8 +41,7 @@ def test_run_reduces_a_known_misalignment(descriptors) -> None:
     np.testing.assert_array_equal(aligned.affine, WRONG)  # the refinement lives in the field
 
 
-def test_the_fine_descriptors_replace_the_local_ones_when_both_scans_have_them() -> None:
-    torch.set_num_threads(1)
+def test_the_fine_descriptors_replace_the_local_ones_when_both_scans_have_them(one_thread) -> None:
     fixed = textured_body()
     fixed_maps, moving_maps = mind_maps(fixed, shifted(fixed, SHIFT))
     start = Alignment.identity(GRID).with_affine(WRONG)
