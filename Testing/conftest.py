@@ -7,6 +7,8 @@ elsewhere.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -26,15 +28,24 @@ def require_data(relative: str) -> Path:
     return path
 
 
-@pytest.fixture
-def one_thread():
-    """Torch on one thread for the test: deterministic and fair to other jobs on the machine."""
+@contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """Torch on ``count`` threads inside the block, as many as before after it."""
     import torch
 
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def one_thread():
+    """Torch on one thread for the test: deterministic and fair to other jobs on the machine."""
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 from _stage_pairs import GRID, mind_maps, shifted, textured_body
-from conftest import require_data
+from conftest import require_data, torch_threads
 from test_deform import translation_weights
 
 from SAMERegistrationLib import cli, register
@@ -83,12 +82,8 @@ def test_instance_does_not_move_a_perfect_alignment(shifted_pair) -> None:
 @pytest.fixture(scope="module")
 def ct_against_itself():
     ct = require_data("openkbp") / "validation_pt_201_ct.nii.gz"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         return register(ct, ct)  # the default configuration: all stages, MIND, 2 mm
-    finally:
-        torch.set_num_threads(threads)
 
 
 def test_a_real_ct_registered_to_itself_is_left_by_the_deformable_stages(ct_against_itself) -> None:

@@ -21,7 +21,6 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import SimpleITK as sitk
-import torch
 
 slicer = pytest.importorskip(
     "slicer", reason="needs the slicer-core wheel (pip install slicer-core)"
@@ -31,6 +30,7 @@ REPO = Path(__file__).resolve().parent.parent
 MODULE_DIR = REPO / "SAMERegistration"
 sys.path.insert(0, str(MODULE_DIR))
 
+from conftest import torch_threads  # noqa: E402
 from SAMERegistrationModuleLib import devices, inspection, sceneio, settings  # noqa: E402
 from SAMERegistrationModuleLib.logic import RegistrationLogic  # noqa: E402
 from SAMERegistrationModuleLib.scenario import makeSyntheticPair, runScenario  # noqa: E402
@@ -124,15 +124,11 @@ def run(scene):
     # The same registration in this process, on as many torch threads as the logic's child
     # process used (earlier tests may have changed this process's): the optimisers' sums, and
     # so the fields, depend on the thread count in their last digits.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(child_torch_threads())
-    try:
+    with torch_threads(child_torch_threads()):
         result = register(
             mrml.image_from_volume_node(fixed), pair.moving, moving_labels=pair.moving_labels,
             **LIBRARY_SETTINGS,
         )  # fmt: skip
-    finally:
-        torch.set_num_threads(threads)
     return SimpleNamespace(
         job=job,
         logic=registration,

@@ -3,8 +3,8 @@ placement of a scan relative to a copy of it."""
 
 import numpy as np
 import pytest
-import torch
 from _stage_pairs import GRID, mind_maps, shifted, textured_body
+from conftest import torch_threads
 
 from SAMERegistrationLib.alignment import Alignment
 from SAMERegistrationLib.config import RegistrationConfig
@@ -16,13 +16,9 @@ SHIFT = np.array([16.0, -8.0, 24.0])
 
 @pytest.fixture(scope="module")
 def maps():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         fixed = textured_body()
         return mind_maps(fixed, shifted(fixed, SHIFT))
-    finally:
-        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("mode", ["search", "centroid"])
