@@ -310,3 +310,18 @@ def test_sam_rows_are_skipped_without_weights_and_deform_rows_without_deform_wei
             peers.NO_SAM,
         )
     assert peers.skip_reason(peers.METHODS["same_mind_instance"], None) is None
+
+
+def test_runs_started_together_get_their_own_results_files(tmp_path: Path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    import _common
+
+    with ThreadPoolExecutor(8) as pool:
+        prefixes = list(pool.map(lambda _: _common.new_results_prefix(tmp_path, "peers"), range(8)))
+    assert len(set(prefixes)) == 8
+    assert all(p.with_suffix(".json").exists() and p.name.startswith("peers-") for p in prefixes)
+    # Two writers of one results file never share the temporary file they write it through.
+    _common.write_json(prefixes[0].with_suffix(".json"), {"rows": [1]})
+    assert json.loads(prefixes[0].with_suffix(".json").read_text()) == {"rows": [1]}
+    assert not list(tmp_path.glob("*.partial"))

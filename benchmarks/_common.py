@@ -8,6 +8,7 @@ library of this checkout is the one imported.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -21,6 +22,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable, Iterable
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -220,9 +222,27 @@ def jsonable(value: Any) -> Any:
     return repr(value)
 
 
+def new_results_prefix(directory: Path, name: str) -> Path:
+    """``directory/name-YYYYmmdd-HHMMSS`` (``-2``, ``-3``... when taken), claimed for this run.
+
+    The claim is the prefix's ``.json``, created exclusively: two runs started in the same second
+    (e.g. two method groups in parallel) get different files instead of overwriting each other.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    stem = f"{name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    for attempt in itertools.count(1):
+        prefix = directory / (stem if attempt == 1 else f"{stem}-{attempt}")
+        try:
+            prefix.with_suffix(".json").open("x").close()
+            return prefix
+        except FileExistsError:
+            continue
+    raise AssertionError("unreachable")
+
+
 def write_json(path: Path, document: Any, indent: int | None = 1) -> None:
     """Write ``document`` to ``path`` whole or not at all (a killed run leaves the old file)."""
-    partial = path.with_name(path.name + ".partial")
+    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")  # one per writing process
     partial.write_text(json.dumps(document, indent=indent, default=jsonable), encoding="utf-8")
     partial.replace(path)
 

@@ -794,8 +794,7 @@ def main(argv: list[str] | None = None) -> int:
     openkbp = common.find_openkbp(args.data)
     pairs = common.draw_pairs(common.validation_patients(openkbp), args.pairs, args.seed)
     organs = organ_names(openkbp)
-    args.output_dir.mkdir(parents=True, exist_ok=True)
-    prefix = args.output_dir / f"peers-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    prefix = common.new_results_prefix(args.output_dir, "peers")
     skips = {m: skip_reason(METHODS[m], args.deform_weights) for m in args.methods}
     rows: list[dict] = []
     document = {

@@ -41,6 +41,7 @@ from _common import (
     mean_or_none,
     mean_text,
     median_or_none,
+    new_results_prefix,
     numbers,
     parse_overrides,
     peak_rss_kb,
@@ -511,8 +512,7 @@ def main(argv: list[str] | None = None) -> int:
     openkbp = find_openkbp(args.data)
     patients = validation_patients(openkbp)
     pairs = draw_pairs(patients, args.pairs, args.seed)
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    output = args.output or RESULTS / f"run_pairs-{stamp}.json"
+    output = args.output or new_results_prefix(RESULTS, "run_pairs").with_suffix(".json")
     output.parent.mkdir(parents=True, exist_ok=True)
     machine = machine_info()
     variants = list(VARIANTS) if args.stages_breakdown else ["full"]

@@ -18,7 +18,6 @@ import argparse
 import copy
 import sys
 import time
-from datetime import datetime
 from pathlib import Path
 
 from _common import (
@@ -30,6 +29,7 @@ from _common import (
     machine_info,
     markdown_table,
     mean_or_none,
+    new_results_prefix,
     split_patients,
     write_json,
 )
@@ -120,8 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     head = ["smoothness", "mean Dice", f"smallest change vs {first}", "max folding % (before unfolding)", "s (stage)"]  # fmt: skip
     text = markdown_table(head, table)
     print(f"\n{len(scored)} of {len(pairs)} {args.split} pairs (seed {args.seed}) scored\n\n{text}")
-    args.output_dir.mkdir(parents=True, exist_ok=True)
-    out = args.output_dir / f"tune_instance-{datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
+    out = new_results_prefix(args.output_dir, "tune_instance").with_suffix(".json")
     write_json(out, {
         "command": " ".join(sys.argv), "options": vars(args) | {"data": str(openkbp), "output_dir": str(args.output_dir)},
         "machine": machine_info(), "pairs": results, "table_markdown": text,
