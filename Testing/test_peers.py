@@ -34,6 +34,7 @@ PEERS = [
     "niftyreg_aladin",
     "niftyreg_f3d",
     "convexadam",
+    "convexadam_aladin",
 ]
 AFFINE_PEERS = {"sitk_affine", "elastix_affine", "ants_affine", "niftyreg_aladin"}
 QUICK_TIMEOUT_S = 900  # a guard against a hung child, not a timing: shared machines are slow
@@ -284,6 +285,16 @@ def test_missing_peer_package_skips_its_rows_only(tmp_path: Path):
         assert f"skipping {name}: {package} is not installed" in done.stdout
     table = _outputs(out)[1]
     assert "| elastix affine | 0/1 |" in table and "skipped: itk-elastix is not installed" in table
+
+
+def test_a_method_needing_two_packages_names_the_missing_one():
+    needs_two = peers.Method(
+        "two", "two", peers.register_unregistered, "json", "json-wheel",
+        also_needs=(("no_such_module_here", "no-such-wheel"),),
+    )  # fmt: skip
+    problem = peers.package_problem(needs_two)
+    assert problem.startswith("no-such-wheel is not installed (no_such_module_here cannot")
+    assert peers.package_problem(peers.METHODS["unregistered"]) is None
 
 
 def test_unknown_method_is_refused_with_the_choices():

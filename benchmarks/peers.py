@@ -404,21 +404,25 @@ CONVEXADAM_SPACING_MM = 2.0  # about the spacing of the Learn2Reg CT tasks it is
 
 
 def register_convexadam(
-    fixed: sitk.Image, moving: sitk.Image, quick: bool = False
+    fixed: sitk.Image,
+    moving: sitk.Image,
+    quick: bool = False,
+    *,
+    pre_align: Wrapper = register_sitk_affine,
 ) -> sitk.Transform:
     """ConvexAdam (MIND-SSC features, convex coupling then Adam), default hyper-parameters.
 
     ConvexAdam registers two images on one grid (the package resamples the moving scan onto the
     fixed one, ``convex_adam_utils.resample_moving_to_fixed``) that are already roughly aligned:
     its README presents it on the Learn2Reg tasks, whose CT pairs come affinely pre-registered
-    (the Learn2Reg task descriptions). So the moving scan is pre-aligned by the
-    SimpleITK affine above (centre-of-mass start) and resampled with it onto a 2 mm grid over the
-    fixed scan; the map is that affine after ConvexAdam's field.
+    (the Learn2Reg task descriptions). So the moving scan is pre-aligned by ``pre_align`` (the
+    SimpleITK affine above, centre-of-mass start, or NiftyReg's aladin) and resampled with it onto
+    a 2 mm grid over the fixed scan; the map is that affine after ConvexAdam's field.
     """
     import torch
     from convexAdam.convex_adam_MIND import convex_adam_pt
 
-    pre = register_sitk_affine(fixed, moving, quick)
+    pre = pre_align(fixed, moving, quick)
     spacing = (CONVEXADAM_SPACING_MM,) * 3
     size = [
         round(n * s / CONVEXADAM_SPACING_MM) for n, s in zip(fixed.GetSize(), fixed.GetSpacing())
@@ -490,6 +494,7 @@ class Method:
     wrapper: Wrapper
     package: str | None = None  # module the wrapper needs beyond the library's own
     pip_name: str | None = None
+    also_needs: tuple[tuple[str, str], ...] = ()  # further (module, pip name) pairs
     quick: bool = False  # run by --quick
     feature: str | None = None  # SAME rows: the feature type
     stage: str | None = None  # SAME rows: the last stage
@@ -523,6 +528,14 @@ def _methods() -> dict[str, Method]:
             "niftyreg_f3d", "NiftyReg aladin+f3d", register_niftyreg_f3d, "niftyreg", "niftyreg"
         ),
         Method("convexadam", "ConvexAdam (MIND)", register_convexadam, "convexAdam", "convexadam"),
+        Method(
+            "convexadam_aladin",
+            "ConvexAdam (MIND), aladin start",
+            partial(register_convexadam, pre_align=register_niftyreg_aladin),
+            "convexAdam",
+            "convexadam",
+            also_needs=(("niftyreg", "niftyreg"),),
+        ),
     ]
     for feature in ("mind", "sam"):
         for stage in SAME_STAGES:
@@ -543,17 +556,17 @@ METHODS = _methods()
 
 
 def package_problem(method: Method) -> str | None:
-    """Why the method's optional package cannot be used, or None when it can."""
-    if method.package is None:
-        return None
-    try:
-        found = importlib.util.find_spec(method.package)
-    except (ImportError, ValueError) as err:
-        found, detail = None, f": {err}"
-    else:
-        detail = ""
-    if found is None:
-        return f"{method.pip_name} is not installed ({method.package} cannot be imported{detail}); {INSTALL_HINT}"
+    """Why the method's optional packages cannot be used, or None when they can."""
+    needs = [(method.package, method.pip_name), *method.also_needs] if method.package else []
+    for package, pip_name in needs:
+        try:
+            found = importlib.util.find_spec(package)
+        except (ImportError, ValueError) as err:
+            found, detail = None, f": {err}"
+        else:
+            detail = ""
+        if found is None:
+            return f"{pip_name} is not installed ({package} cannot be imported{detail}); {INSTALL_HINT}"
     return None
 
 
