@@ -494,10 +494,10 @@ class Method:
     wrapper: Wrapper
     package: str | None = None  # module the wrapper needs beyond the library's own
     pip_name: str | None = None
-    also_needs: tuple[tuple[str, str], ...] = ()  # further (module, pip name) pairs
     quick: bool = False  # run by --quick
     feature: str | None = None  # SAME rows: the feature type
     stage: str | None = None  # SAME rows: the last stage
+    also_needs: tuple[tuple[str, str], ...] = ()  # further (module, pip name) pairs
 
 
 def _methods() -> dict[str, Method]:
