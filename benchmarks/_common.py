@@ -8,7 +8,6 @@ library of this checkout is the one imported.
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import math
 import os
@@ -230,14 +229,14 @@ def new_results_prefix(directory: Path, name: str) -> Path:
     """
     directory.mkdir(parents=True, exist_ok=True)
     stem = f"{name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
-    for attempt in itertools.count(1):
-        prefix = directory / (stem if attempt == 1 else f"{stem}-{attempt}")
+    prefix, attempt = directory / stem, 1
+    while True:
         try:
             prefix.with_suffix(".json").open("x").close()
             return prefix
         except FileExistsError:
-            continue
-    raise AssertionError("unreachable")
+            attempt += 1
+            prefix = directory / f"{stem}-{attempt}"
 
 
 def write_json(path: Path, document: Any, indent: int | None = 1) -> None:
