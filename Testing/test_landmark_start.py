@@ -1,0 +1,68 @@
+"""benchmarks/landmark_start.py: the rigid pose fitted to organ landmarks, on real label maps."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from conftest import REPO
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+import landmark_start  # noqa: E402
+
+from SAMERegistrationLib.initial_pose import axis_rotation, reorient  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def labels_236(openkbp) -> sitk.Image:
+    return sitk.ReadImage(str(openkbp / "validation_pt_236_label.nii.gz"))
+
+
+def test_landmarks_are_the_parotids_and_three_cord_points_below_the_brainstem(labels_236):
+    found = landmark_start.landmarks(labels_236)
+    assert sorted(found) == [
+        "cord 0 mm down",
+        "cord 40 mm down",
+        "cord 70 mm down",
+        "parotid 3",
+        "parotid 4",
+    ]
+    array = sitk.GetArrayFromImage(labels_236)
+    stem_bottom = np.flatnonzero((array == 1).any(axis=(1, 2))).min()
+    bottom_z = labels_236.TransformIndexToPhysicalPoint((0, 0, int(stem_bottom)))[2]
+    cord_z = [found[f"cord {d} mm down"][2] for d in (0, 40, 70)]
+    # each point one slice below the brainstem, then 40 and 70 mm lower (to the nearest slice)
+    spacing = labels_236.GetSpacing()[2]
+    assert cord_z[0] == pytest.approx(bottom_z - spacing)
+    assert np.diff(cord_z) == pytest.approx([-40.0, -30.0], abs=spacing / 2)
+    # the right parotid lies at the patient's right: smaller x in LPS
+    assert found["parotid 3"][0] < found["parotid 4"][0]
+
+
+def test_landmark_pose_recovers_a_known_rigid_map(labels_236):
+    # reorient: the moved map's point p is the original's truth @ p, so the fixed -> moving pose
+    # that carries each landmark q of the original onto the moved map is inverse(truth).
+    truth = np.eye(4)
+    truth[:3, :3] = axis_rotation(0, 12.0) @ axis_rotation(2, -20.0)
+    truth[:3, 3] = (15.0, -40.0, 65.0)
+    moved = reorient(labels_236, truth)
+    pose, residual, count = landmark_start.landmark_pose(labels_236, moved)
+    assert count == 5
+    assert residual < 1e-6
+    np.testing.assert_allclose(pose, np.linalg.inv(truth), atol=1e-6)
+
+
+def test_landmark_pose_needs_three_shared_landmarks(labels_236):
+    array = sitk.GetArrayFromImage(labels_236)
+    parotids_only = sitk.GetImageFromArray(np.where(np.isin(array, (3, 4)), array, 0))
+    parotids_only.CopyInformation(labels_236)
+    with pytest.raises(ValueError, match="only 2 landmarks in both label maps"):
+        landmark_start.landmark_pose(labels_236, parotids_only)
+
+
+def test_a_malformed_pair_is_refused_with_the_expected_form(capsys):
+    with pytest.raises(SystemExit):
+        landmark_start.main(["236-221"])
+    assert "FIXED:MOVING patient numbers, e.g. 236:221" in capsys.readouterr().err

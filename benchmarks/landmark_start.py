@@ -1,0 +1,168 @@
+"""What the pipeline reaches on a pair when it starts from a rigid pose fitted to organ landmarks.
+
+    python benchmarks/landmark_start.py                      # the four pairs that move 221
+    python benchmarks/landmark_start.py 239:207 201:232 --threads 1
+
+Separates a wrong start from later stages that cannot fix a good one. For each OpenKBP validation
+pair (FIXED:MOVING patient numbers) a rigid fixed -> moving pose is fitted by least squares to
+landmarks both label maps share: the parotids' centroids and three points of the spinal cord, at
+0, 40 and 70 mm below the brainstem (scans without a brainstem give no cord points). The moving
+scan and its labels are pre-aligned by that pose (their geometry changed, no resampling), as a
+user who placed the scans by hand would pass them, and registered with
+``initialisation=identity`` and the pose search off. Rows: the pipeline's own start (default
+settings), the landmark pose alone, the pipeline from it, and the pipeline from it without the
+affine stage. Prints a table and writes it to ``benchmarks/results/landmark_start-<time>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+from _common import (
+    RESULTS,
+    case_files,
+    find_openkbp,
+    machine_info,
+    markdown_table,
+    new_results_prefix,
+    parse_overrides,
+    register_case,
+    write_json,
+)
+
+DEFAULT_PAIRS = ("236:221", "202:221", "206:221", "213:221")
+PAROTIDS = (3, 4)
+CORD, BRAINSTEM = 2, 1
+CORD_POINTS_MM = (0.0, 40.0, 70.0)  # below the brainstem's lowest slice
+ROWS = ("own start", "landmark pose alone", "from landmark pose", "from landmark pose, no affine")
+
+
+def landmarks(labels) -> dict[str, np.ndarray]:
+    """Named landmark points (LPS mm) of an OpenKBP label map (a SimpleITK image)."""
+    import SimpleITK as sitk
+
+    array = sitk.GetArrayFromImage(labels)
+
+    def physical(zyx: np.ndarray) -> np.ndarray:
+        return np.array(labels.TransformContinuousIndexToPhysicalPoint(zyx[::-1].tolist()))
+
+    found = {}
+    for label in PAROTIDS:
+        voxels = np.argwhere(array == label)
+        if len(voxels):
+            found[f"parotid {label}"] = physical(voxels.mean(axis=0))
+    stem = np.flatnonzero((array == BRAINSTEM).any(axis=(1, 2)))
+    if len(stem):
+        # OpenKBP scans are axis-aligned with slices numbered upwards: below is a lower index.
+        for depth in CORD_POINTS_MM:
+            z = stem.min() - 1 - int(round(depth / labels.GetSpacing()[2]))
+            cord = np.argwhere(array[z] == CORD) if z >= 0 else []
+            if len(cord):
+                found[f"cord {depth:.0f} mm down"] = physical(np.array([z, *cord.mean(axis=0)]))
+    return found
+
+
+def rigid_fit(fixed: np.ndarray, moving: np.ndarray) -> np.ndarray:
+    """The 4x4 rigid map taking points ``fixed`` (N, 3) closest to ``moving`` (least squares)."""
+    fixed_mean, moving_mean = fixed.mean(axis=0), moving.mean(axis=0)
+    u, _, vt = np.linalg.svd((fixed - fixed_mean).T @ (moving - moving_mean))
+    sign = np.sign(np.linalg.det(vt.T @ u.T))
+    rotation = vt.T @ np.diag([1.0, 1.0, sign]) @ u.T
+    matrix = np.eye(4)
+    matrix[:3, :3], matrix[:3, 3] = rotation, moving_mean - rotation @ fixed_mean
+    return matrix
+
+
+def landmark_pose(fixed_labels, moving_labels) -> tuple[np.ndarray, float, int]:
+    """The rigid fixed -> moving pose of the shared landmarks, their mean residual (mm) and count."""
+    fixed, moving = landmarks(fixed_labels), landmarks(moving_labels)
+    names = sorted(set(fixed) & set(moving))
+    if len(names) < 3:
+        raise ValueError(f"only {len(names)} landmarks in both label maps (3 needed)")
+    f = np.array([fixed[n] for n in names])
+    m = np.array([moving[n] for n in names])
+    pose = rigid_fit(f, m)
+    residual = np.linalg.norm(f @ pose[:3, :3].T + pose[:3, 3] - m, axis=1).mean()
+    return pose, float(residual), len(names)
+
+
+def score_pair(case: dict, overrides: dict) -> dict:
+    import SimpleITK as sitk
+
+    from SAMERegistrationLib.evaluate import dice_per_label, mean_dice
+    from SAMERegistrationLib.initial_pose import reorient
+
+    fixed_labels = sitk.ReadImage(case["fixed_labels"])
+    moving_labels = sitk.ReadImage(case["moving_labels"])
+    pose, residual, count = landmark_pose(fixed_labels, moving_labels)
+    placed = {
+        **case,
+        "moving": reorient(sitk.ReadImage(case["moving"]), pose),
+        "moving_labels": reorient(moving_labels, pose),
+    }
+    reference = sitk.GetArrayFromImage(fixed_labels)
+    labels = sorted(
+        set(reference.ravel()) & set(sitk.GetArrayViewFromImage(moving_labels).ravel()) - {0}
+    )
+    start = sitk.Resample(placed["moving_labels"], fixed_labels, sitk.Transform(),
+                          sitk.sitkNearestNeighbor, 0)  # fmt: skip
+    from_pose = {"initialisation": "identity", "initial_pose__enabled": False}
+    dice = {
+        ROWS[0]: register_case(case, features="mind", **overrides),
+        ROWS[1]: mean_dice(dice_per_label(reference, sitk.GetArrayFromImage(start), labels)),
+        ROWS[2]: register_case(placed, features="mind", **from_pose, **overrides),
+        ROWS[3]: register_case(
+            placed, features="mind", **from_pose, affine__enabled=False, **overrides
+        ),
+    }
+    dice = {k: v if isinstance(v, float) else v.metrics["mean_dice_after"] for k, v in dice.items()}
+    return {"landmarks": count, "residual_mm": residual, "pose": pose.tolist(), "dice": dice}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("pairs", nargs="*", default=list(DEFAULT_PAIRS), help="FIXED:MOVING")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a configuration override for every run (repeatable)")  # fmt: skip
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's own)")
+    parser.add_argument("--data", type=Path, help="shared data folder or its openkbp/")
+    parser.add_argument("--output-dir", type=Path, default=RESULTS, help="benchmarks/results/")
+    args = parser.parse_args(argv)
+    overrides = {
+        k.replace(".", "__"): v for k, v in parse_overrides(args.set, parser.error).items()
+    }
+    pairs = []
+    for text in args.pairs:
+        fixed, sep, moving = text.partition(":")
+        if not (sep and fixed.isdigit() and moving.isdigit()):
+            parser.error(f"a pair is FIXED:MOVING patient numbers, e.g. 236:221, not '{text}'")
+        pairs.append((f"validation_pt_{fixed}", f"validation_pt_{moving}"))
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    openkbp = find_openkbp(args.data)
+    results, table = [], []
+    for fixed, moving in pairs:
+        found = score_pair(case_files(openkbp, fixed, moving), overrides)
+        results.append({"fixed": fixed, "moving": moving, **found})
+        dice = [f"{found['dice'][row]:.3f}" for row in ROWS]
+        table.append([f"{fixed[-3:]} <- {moving[-3:]}", f"{found['residual_mm']:.1f}", *dice])
+        print(f"{fixed} <- {moving}: " + ", ".join(f"{r} {d}" for r, d in zip(ROWS, dice)))
+    head = ["pair", "landmark residual mm", *ROWS]
+    text = markdown_table(head, table)
+    print(f"\nMean Dice (MIND features)\n\n{text}")
+    out = new_results_prefix(args.output_dir, "landmark_start").with_suffix(".json")
+    write_json(out, {
+        "command": " ".join(sys.argv), "overrides": overrides, "data": str(openkbp),
+        "machine": machine_info(), "pairs": results, "table_markdown": text,
+    })  # fmt: skip
+    print(f"written: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
