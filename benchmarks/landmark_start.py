@@ -9,9 +9,11 @@ landmarks both label maps share: the parotids' centroids and three points of the
 0, 40 and 70 mm below the brainstem (scans without a brainstem give no cord points). The moving
 scan and its labels are pre-aligned by that pose (their geometry changed, no resampling), as a
 user who placed the scans by hand would pass them, and registered with
-``initialisation=identity`` and the pose search off. Rows: the pipeline's own start (default
-settings), the landmark pose alone, the pipeline from it, and the pipeline from it without the
-affine stage. Prints a table and writes it to ``benchmarks/results/landmark_start-<time>.json``.
+``initialisation=identity``, the pose search and the match-share check off. Columns: mean Dice of
+the pipeline from its own start (default settings), of the landmark pose alone, of the pipeline
+from it, and of the pipeline from it without the affine stage; then the pose search's score (NCC
+of HU) at its own pose and at the landmark pose. Prints a table and writes it to
+``benchmarks/results/landmark_start-<time>.json``.
 """
 
 from __future__ import annotations
@@ -89,9 +91,30 @@ def landmark_pose(fixed_labels, moving_labels) -> tuple[np.ndarray, float, int]:
     return pose, float(residual), len(names)
 
 
+def registered(case: dict, overrides: dict):
+    """The pipeline's result (MIND features) on ``case``, or the refusal's first sentence."""
+    from SAMERegistrationLib.errors import RegistrationFailed
+
+    try:
+        return register_case(case, features="mind", **overrides)
+    except RegistrationFailed as refusal:
+        return "refused: " + str(refusal).split(". ")[0]
+
+
+def hu_similarity(case: dict, pose: np.ndarray, spacing_mm: float) -> float:
+    """The initial pose search's score (masked NCC of HU over the bodies' overlap) at ``pose``."""
+    import SimpleITK as sitk
+
+    from SAMERegistrationLib.initial_pose import coarse_ct, masked_ncc_at
+
+    fixed, moving = (coarse_ct(sitk.ReadImage(case[k]), spacing_mm) for k in ("fixed", "moving"))
+    return masked_ncc_at(fixed, moving, pose)
+
+
 def score_pair(case: dict, overrides: dict) -> dict:
     import SimpleITK as sitk
 
+    from SAMERegistrationLib.config import InitialPoseConfig
     from SAMERegistrationLib.evaluate import dice_per_label, mean_dice
     from SAMERegistrationLib.initial_pose import reorient
 
@@ -109,17 +132,28 @@ def score_pair(case: dict, overrides: dict) -> dict:
     )
     start = sitk.Resample(placed["moving_labels"], fixed_labels, sitk.Transform(),
                           sitk.sitkNearestNeighbor, 0)  # fmt: skip
-    from_pose = {"initialisation": "identity", "initial_pose__enabled": False}
-    dice = {
-        ROWS[0]: register_case(case, features="mind", **overrides),
+    # The match-share check judges a start; this one is known, so it stays off.
+    from_pose = {
+        "initialisation": "identity", "initial_pose__enabled": False,
+        "matching__min_match_share": 0.0,
+    }  # fmt: skip
+    own = registered(case, overrides)
+    runs = {
+        ROWS[0]: own,
         ROWS[1]: mean_dice(dice_per_label(reference, sitk.GetArrayFromImage(start), labels)),
-        ROWS[2]: register_case(placed, features="mind", **from_pose, **overrides),
-        ROWS[3]: register_case(
-            placed, features="mind", **from_pose, affine__enabled=False, **overrides
-        ),
+        ROWS[2]: registered(placed, {**from_pose, **overrides}),
+        ROWS[3]: registered(placed, {**from_pose, "affine__enabled": False, **overrides}),
     }
-    dice = {k: v if isinstance(v, float) else v.metrics["mean_dice_after"] for k, v in dice.items()}
-    return {"landmarks": count, "residual_mm": residual, "pose": pose.tolist(), "dice": dice}
+    dice = {
+        k: v.metrics["mean_dice_after"] if hasattr(v, "metrics") else v for k, v in runs.items()
+    }
+    hu = {"landmark pose": hu_similarity(case, pose, InitialPoseConfig().spacing_mm)}
+    if hasattr(own, "stages"):
+        hu["own pose"] = own.stages["initial_pose"]["similarity"]
+    return {
+        "landmarks": count, "residual_mm": residual, "pose": pose.tolist(), "dice": dice,
+        "hu_similarity": hu,
+    }  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -149,10 +183,14 @@ def main(argv: list[str] | None = None) -> int:
     for fixed, moving in pairs:
         found = score_pair(case_files(openkbp, fixed, moving), overrides)
         results.append({"fixed": fixed, "moving": moving, **found})
-        dice = [f"{found['dice'][row]:.3f}" for row in ROWS]
-        table.append([f"{fixed[-3:]} <- {moving[-3:]}", f"{found['residual_mm']:.1f}", *dice])
+        dice = [d if isinstance(d, str) else f"{d:.3f}" for d in found["dice"].values()]
+        hu = [
+            f"{found['hu_similarity'].get(k, float('nan')):.2f}"
+            for k in ("own pose", "landmark pose")
+        ]
+        table.append([f"{fixed[-3:]} <- {moving[-3:]}", f"{found['residual_mm']:.1f}", *dice, *hu])
         print(f"{fixed} <- {moving}: " + ", ".join(f"{r} {d}" for r, d in zip(ROWS, dice)))
-    head = ["pair", "landmark residual mm", *ROWS]
+    head = ["pair", "landmark residual mm", *ROWS, "HU NCC own pose", "HU NCC landmark pose"]
     text = markdown_table(head, table)
     print(f"\nMean Dice (MIND features)\n\n{text}")
     out = new_results_prefix(args.output_dir, "landmark_start").with_suffix(".json")
