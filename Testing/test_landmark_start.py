@@ -66,3 +66,20 @@ def test_a_malformed_pair_is_refused_with_the_expected_form(capsys):
     with pytest.raises(SystemExit):
         landmark_start.main(["236-221"])
     assert "FIXED:MOVING patient numbers, e.g. 236:221" in capsys.readouterr().err
+
+
+def test_a_pair_without_enough_landmarks_is_skipped_and_recorded(tmp_path, capsys):
+    import json
+
+    for patient in (1, 2):
+        labels = np.zeros((20, 20, 20), np.uint8)
+        labels[5:9, 5:9, 3:7], labels[5:9, 5:9, 13:17] = 3, 4  # parotids only: 2 landmarks
+        for kind, array in (("ct", labels.astype(np.int16) - 1000), ("label", labels)):
+            path = tmp_path / f"validation_pt_{patient}_{kind}.nii.gz"
+            sitk.WriteImage(sitk.GetImageFromArray(array), str(path))
+    assert landmark_start.main(["1:2", "--data", str(tmp_path), "--output-dir", str(tmp_path)]) == 0
+    assert (
+        "validation_pt_1 <- validation_pt_2: skipped, only 2 landmarks" in capsys.readouterr().out
+    )
+    (written,) = tmp_path.glob("landmark_start-*.json")
+    assert json.loads(written.read_text())["pairs"][0]["skipped"].startswith("only 2 landmarks")

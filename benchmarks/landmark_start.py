@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from _common import (
@@ -35,6 +36,11 @@ from _common import (
     write_json,
 )
 
+if TYPE_CHECKING:
+    import SimpleITK as sitk
+
+    from SAMERegistrationLib import RegistrationResult
+
 DEFAULT_PAIRS = ("236:221", "202:221", "206:221", "213:221")
 PAROTIDS = (3, 4)
 CORD, BRAINSTEM = 2, 1
@@ -42,7 +48,7 @@ CORD_POINTS_MM = (0.0, 40.0, 70.0)  # below the brainstem's lowest slice
 ROWS = ("own start", "landmark pose alone", "from landmark pose", "from landmark pose, no affine")
 
 
-def landmarks(labels) -> dict[str, np.ndarray]:
+def landmarks(labels: sitk.Image) -> dict[str, np.ndarray]:
     """Named landmark points (LPS mm) of an OpenKBP label map (a SimpleITK image)."""
     import SimpleITK as sitk
 
@@ -78,7 +84,9 @@ def rigid_fit(fixed: np.ndarray, moving: np.ndarray) -> np.ndarray:
     return matrix
 
 
-def landmark_pose(fixed_labels, moving_labels) -> tuple[np.ndarray, float, int]:
+def landmark_pose(
+    fixed_labels: sitk.Image, moving_labels: sitk.Image
+) -> tuple[np.ndarray, float, int]:
     """The rigid fixed -> moving pose of the shared landmarks, their mean residual (mm) and count."""
     fixed, moving = landmarks(fixed_labels), landmarks(moving_labels)
     names = sorted(set(fixed) & set(moving))
@@ -91,7 +99,7 @@ def landmark_pose(fixed_labels, moving_labels) -> tuple[np.ndarray, float, int]:
     return pose, float(residual), len(names)
 
 
-def registered(case: dict, overrides: dict):
+def registered(case: dict, overrides: dict) -> RegistrationResult | str:
     """The pipeline's result (MIND features) on ``case``, or the refusal's first sentence."""
     from SAMERegistrationLib.errors import RegistrationFailed
 
@@ -181,7 +189,12 @@ def main(argv: list[str] | None = None) -> int:
     openkbp = find_openkbp(args.data)
     results, table = [], []
     for fixed, moving in pairs:
-        found = score_pair(case_files(openkbp, fixed, moving), overrides)
+        try:
+            found = score_pair(case_files(openkbp, fixed, moving), overrides)
+        except ValueError as err:  # too few landmarks: the other pairs still count
+            print(f"{fixed} <- {moving}: skipped, {err}")
+            results.append({"fixed": fixed, "moving": moving, "skipped": str(err)})
+            continue
         results.append({"fixed": fixed, "moving": moving, **found})
         dice = [d if isinstance(d, str) else f"{d:.3f}" for d in found["dice"].values()]
         hu = [
