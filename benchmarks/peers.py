@@ -718,7 +718,7 @@ def plot(rows: list[dict], methods: list[str], organs: dict[str, str], prefix: P
             ]
             for m in shown
         ]
-        ax.boxplot([d if d else [math.nan] for d in data], vert=False)
+        ax.boxplot([d if d else [math.nan] for d in data], orientation="horizontal")
         ax.set_yticks(range(1, len(names) + 1), names, fontsize=7)
         ax.set_xlim(0, 1)
         ax.set_title(title, fontsize=9)
