@@ -82,4 +82,6 @@ def test_a_pair_without_enough_landmarks_is_skipped_and_recorded(tmp_path, capsy
         "validation_pt_1 <- validation_pt_2: skipped, only 2 landmarks" in capsys.readouterr().out
     )
     (written,) = tmp_path.glob("landmark_start-*.json")
-    assert json.loads(written.read_text())["pairs"][0]["skipped"].startswith("only 2 landmarks")
+    document = json.loads(written.read_text())
+    assert document["pairs"][0]["skipped"].startswith("only 2 landmarks")
+    assert "command" in document and document["machine"]["cores"] >= 1

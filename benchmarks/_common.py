@@ -239,6 +239,15 @@ def new_results_prefix(directory: Path, name: str) -> Path:
             prefix = directory / f"{stem}-{attempt}"
 
 
+def save_table_run(directory: Path, name: str, document: dict[str, Any]) -> Path:
+    """Write a table script's results as ``directory/name-<time>.json``, with the command line and
+    the machine added, and say where."""
+    out = new_results_prefix(directory, name).with_suffix(".json")
+    write_json(out, {"command": " ".join(sys.argv), "machine": machine_info(), **document})
+    print(f"written: {out}")
+    return out
+
+
 def write_json(path: Path, document: Any, indent: int | None = 1) -> None:
     """Write ``document`` to ``path`` whole or not at all (a killed run leaves the old file)."""
     partial = path.with_name(f"{path.name}.{os.getpid()}.partial")  # one per writing process

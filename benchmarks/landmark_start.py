@@ -28,12 +28,10 @@ from _common import (
     RESULTS,
     case_files,
     find_openkbp,
-    machine_info,
     markdown_table,
-    new_results_prefix,
     parse_overrides,
     register_case,
-    write_json,
+    save_table_run,
 )
 
 if TYPE_CHECKING:
@@ -206,12 +204,9 @@ def main(argv: list[str] | None = None) -> int:
     head = ["pair", "landmark residual mm", *ROWS, "HU NCC own pose", "HU NCC landmark pose"]
     text = markdown_table(head, table)
     print(f"\nMean Dice (MIND features)\n\n{text}")
-    out = new_results_prefix(args.output_dir, "landmark_start").with_suffix(".json")
-    write_json(out, {
-        "command": " ".join(sys.argv), "overrides": overrides, "data": str(openkbp),
-        "machine": machine_info(), "pairs": results, "table_markdown": text,
+    save_table_run(args.output_dir, "landmark_start", {
+        "overrides": overrides, "data": str(openkbp), "pairs": results, "table_markdown": text,
     })  # fmt: skip
-    print(f"written: {out}")
     return 0
 
 

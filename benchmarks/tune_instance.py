@@ -26,12 +26,10 @@ from _common import (
     draw_pairs,
     find_openkbp,
     fmt,
-    machine_info,
     markdown_table,
     mean_or_none,
-    new_results_prefix,
+    save_table_run,
     split_patients,
-    write_json,
 )
 
 
@@ -120,12 +118,10 @@ def main(argv: list[str] | None = None) -> int:
     head = ["smoothness", "mean Dice", f"smallest change vs {first}", "max folding % (before unfolding)", "s (stage)"]  # fmt: skip
     text = markdown_table(head, table)
     print(f"\n{len(scored)} of {len(pairs)} {args.split} pairs (seed {args.seed}) scored\n\n{text}")
-    out = new_results_prefix(args.output_dir, "tune_instance").with_suffix(".json")
-    write_json(out, {
-        "command": " ".join(sys.argv), "options": vars(args) | {"data": str(openkbp), "output_dir": str(args.output_dir)},
-        "machine": machine_info(), "pairs": results, "table_markdown": text,
+    save_table_run(args.output_dir, "tune_instance", {
+        "options": vars(args) | {"data": str(openkbp), "output_dir": str(args.output_dir)},
+        "pairs": results, "table_markdown": text,
     })  # fmt: skip
-    print(f"written: {out}")
     return 0
 
 
