@@ -54,6 +54,17 @@ def test_landmark_pose_recovers_a_known_rigid_map(labels_236):
     np.testing.assert_allclose(pose, np.linalg.inv(truth), atol=1e-6)
 
 
+def test_landmark_error_is_the_distance_left_at_the_landmarks(labels_236):
+    # A pure translation: the moved map's landmarks lie 13 mm from the originals, so the identity
+    # map leaves them 13 mm off and the map by the translation leaves them on the spot.
+    truth = np.eye(4)
+    truth[:3, 3] = (5.0, 12.0, 0.0)
+    fixed, moving = landmark_start.shared_landmarks(labels_236, reorient(labels_236, truth))
+    assert len(fixed) == 5
+    assert landmark_start.landmark_error(fixed, moving, fixed) == pytest.approx(13.0)
+    assert landmark_start.landmark_error(fixed, moving, fixed - truth[:3, 3]) < 1e-9
+
+
 def test_landmark_pose_needs_three_shared_landmarks(labels_236):
     array = sitk.GetArrayFromImage(labels_236)
     parotids_only = sitk.GetImageFromArray(np.where(np.isin(array, (3, 4)), array, 0))

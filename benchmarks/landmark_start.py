@@ -9,11 +9,14 @@ landmarks both label maps share: the parotids' centroids and three points of the
 0, 40 and 70 mm below the brainstem (scans without a brainstem give no cord points). The moving
 scan and its labels are pre-aligned by that pose (their geometry changed, no resampling), as a
 user who placed the scans by hand would pass them, and registered with
-``initialisation=identity``, the pose search and the match-share check off. Columns: mean Dice of
-the pipeline from its own start (default settings), of the landmark pose alone, of the pipeline
-from it, and of the pipeline from it without the affine stage; then the pose search's score (NCC
-of HU) at its own pose and at the landmark pose. Prints a table and writes it to
-``benchmarks/results/landmark_start-<time>.json``.
+``initialisation=identity``, the pose search and the match-share check off. Columns: how far
+(mean mm over the landmarks) the landmark pose, the pipeline's own pose search and its whole map
+leave the landmarks; mean Dice of the pipeline from its own start (default settings), of the
+landmark pose alone, of the pipeline from it, and of the pipeline from it without the affine
+stage; the pose search's score (NCC of HU) at its own pose and at the landmark pose; the final
+local NCC of the images (the instance stage's measure) from the pipeline's own start and from the
+landmark pose: whether the images themselves prefer the landmark start. Prints a table and writes
+it to ``benchmarks/results/landmark_start-<time>.json``.
 """
 
 from __future__ import annotations
@@ -82,19 +85,29 @@ def rigid_fit(fixed: np.ndarray, moving: np.ndarray) -> np.ndarray:
     return matrix
 
 
-def landmark_pose(
+def shared_landmarks(
     fixed_labels: sitk.Image, moving_labels: sitk.Image
-) -> tuple[np.ndarray, float, int]:
-    """The rigid fixed -> moving pose of the shared landmarks, their mean residual (mm) and count."""
+) -> tuple[np.ndarray, np.ndarray]:
+    """The landmarks both label maps hold, as two (N, 3) arrays of matching rows (LPS mm)."""
     fixed, moving = landmarks(fixed_labels), landmarks(moving_labels)
     names = sorted(set(fixed) & set(moving))
     if len(names) < 3:
         raise ValueError(f"only {len(names)} landmarks in both label maps (3 needed)")
-    f = np.array([fixed[n] for n in names])
-    m = np.array([moving[n] for n in names])
+    return np.array([fixed[n] for n in names]), np.array([moving[n] for n in names])
+
+
+def landmark_error(fixed: np.ndarray, moving: np.ndarray, mapped: np.ndarray) -> float:
+    """Mean distance (mm) from where a map sends the fixed landmarks to the moving ones."""
+    return float(np.linalg.norm(mapped - moving, axis=1).mean())
+
+
+def landmark_pose(
+    fixed_labels: sitk.Image, moving_labels: sitk.Image
+) -> tuple[np.ndarray, float, int]:
+    """The rigid fixed -> moving pose of the shared landmarks, their mean residual (mm) and count."""
+    f, m = shared_landmarks(fixed_labels, moving_labels)
     pose = rigid_fit(f, m)
-    residual = np.linalg.norm(f @ pose[:3, :3].T + pose[:3, 3] - m, axis=1).mean()
-    return pose, float(residual), len(names)
+    return pose, landmark_error(f, m, f @ pose[:3, :3].T + pose[:3, 3]), len(f)
 
 
 def registered(case: dict, overrides: dict) -> RegistrationResult | str:
@@ -156,9 +169,23 @@ def score_pair(case: dict, overrides: dict) -> dict:
     hu = {"landmark pose": hu_similarity(case, pose, InitialPoseConfig().spacing_mm)}
     if hasattr(own, "stages"):
         hu["own pose"] = own.stages["initial_pose"]["similarity"]
+    # Whether the images themselves prefer the landmark start: the local NCC they reach.
+    final = {
+        k: v.stages["instance"].get("similarity_after")
+        for k, v in runs.items()
+        if hasattr(v, "stages")
+    }
+    # How far the pipeline's own pose, affine and whole map leave the organs' landmarks.
+    f, m = shared_landmarks(fixed_labels, moving_labels)
+    errors = {"landmark pose": residual}
+    if hasattr(own, "stages"):
+        own_pose = np.array(own.stages["initial_pose"]["pose_matrix"])
+        errors["own pose"] = landmark_error(f, m, f @ own_pose[:3, :3].T + own_pose[:3, 3])
+        errors["own affine"] = landmark_error(f, m, f @ own.affine[:3, :3].T + own.affine[:3, 3])
+        errors["own result"] = landmark_error(f, m, own.map_points(f))
     return {
         "landmarks": count, "residual_mm": residual, "pose": pose.tolist(), "dice": dice,
-        "hu_similarity": hu,
+        "hu_similarity": hu, "final_local_ncc": final, "landmark_error_mm": errors,
     }  # fmt: skip
 
 
@@ -199,9 +226,18 @@ def main(argv: list[str] | None = None) -> int:
             f"{found['hu_similarity'].get(k, float('nan')):.2f}"
             for k in ("own pose", "landmark pose")
         ]
-        table.append([f"{fixed[-3:]} <- {moving[-3:]}", f"{found['residual_mm']:.1f}", *dice, *hu])
+        final = [f"{found['final_local_ncc'].get(k, float('nan')):.2f}" for k in (ROWS[0], ROWS[2])]
+        pair = f"{fixed[-3:]} <- {moving[-3:]}"
+        errors = " / ".join(
+            f"{found['landmark_error_mm'].get(k, float('nan')):.0f}"
+            for k in ("landmark pose", "own pose", "own result")
+        )
+        table.append([pair, errors, *dice, *hu, *final])
         print(f"{fixed} <- {moving}: " + ", ".join(f"{r} {d}" for r, d in zip(ROWS, dice)))
-    head = ["pair", "landmark residual mm", *ROWS, "HU NCC own pose", "HU NCC landmark pose"]
+    head = [
+        "pair", "landmark error mm: landmark pose / own pose / own result", *ROWS, "HU NCC own pose", "HU NCC landmark pose",
+        "final local NCC own start", "final local NCC from landmark pose",
+    ]  # fmt: skip
     text = markdown_table(head, table)
     print(f"\nMean Dice (MIND features)\n\n{text}")
     save_table_run(args.output_dir, "landmark_start", {
