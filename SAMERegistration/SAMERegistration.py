@@ -143,6 +143,7 @@ class SAMERegistrationParameterNode:
     weightsFile: Path
     deformWeightsFile: Path
     seed: Annotated[int, WithinRange(0, 2**31 - 1)] = 0
+    keepMovingPlacement: bool = False
     keepTemporaryFiles: bool = False
     outputTransform: vtkMRMLLinearTransformNode
     outputVolume: vtkMRMLScalarVolumeNode
@@ -165,6 +166,7 @@ class SAMERegistrationParameterNode:
             weights=_path(self.weightsFile),
             deformWeights=_path(self.deformWeightsFile),
             seed=self.seed,
+            keepPlacement=self.keepMovingPlacement,
         )
 
     def outputs(self) -> RegistrationOutputs:

@@ -143,7 +143,9 @@ class RegistrationConfig:
     device: str = "auto"  # auto, cpu, cuda or cuda:N
     working_spacing_mm: float = 2.0
     # search: FFT search for the translation that best overlays the global features;
-    # centroid: body centres on each other; identity: the scanner coordinates as they are.
+    # centroid: body centres on each other; identity: the scans as placed (their scanner
+    # coordinates, or a placement made beforehand), kept as the start: the pose search does not
+    # re-orient the moving scan and no fallback replaces the start.
     initialisation: str = "search"
     seed: int = 0
     # At the end, smooth the whole map locally where it folds (det J <= 0), at most this many

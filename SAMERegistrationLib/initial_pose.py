@@ -121,9 +121,13 @@ class InitialPose:
 
 
 def find_initial_pose(
-    fixed: sitk.Image, moving: sitk.Image, config: InitialPoseConfig
+    fixed: sitk.Image, moving: sitk.Image, config: InitialPoseConfig, keep_placement: bool = False
 ) -> InitialPose:
-    """Search the rigid pose and re-orient ``moving`` when it is rotated beyond the threshold."""
+    """Search the rigid pose and re-orient ``moving`` when it is rotated beyond the threshold.
+
+    With ``keep_placement`` (the scans are to be registered as placed) the moving image is never
+    re-oriented; a rotation that would have been applied is reported as a warning instead.
+    """
     if not config.enabled:
         return InitialPose(moving, np.eye(4), None, {"status": "skipped", "reason": "disabled"})
     clock = time.perf_counter()
@@ -135,18 +139,19 @@ def find_initial_pose(
     rotated = angle > config.angle_threshold_deg
     # Scanners record the orientation, so a large rotation needs strong evidence: a close fit
     # that clearly beats the best pose without rotation.
-    rotate = (
+    convincing = (
         rotated
         and search.similarity >= ROTATION_SIMILARITY
         and search.similarity >= search.identity_similarity + MIN_GAIN
     )
+    rotate = convincing and not keep_placement
     if rotated and not rotate:
         pose, similarity = search.identity, search.identity_similarity
     else:
         similarity = search.similarity
     trusted = similarity >= TRUSTED_SIMILARITY
     reorientation = pose if rotate else np.eye(4)
-    warnings = _pose_warnings(search, angle, rotated, rotate, trusted)
+    warnings = _pose_warnings(search, angle, rotated, convincing, keep_placement, trusted)
     info = {
         "status": "done",
         "seconds": round(time.perf_counter() - clock, 3),
@@ -176,10 +181,11 @@ def find_initial_pose(
 
 
 def _pose_warnings(
-    search: PoseSearch, angle: float, rotated: bool, rotate: bool, trusted: bool
-) -> list[str]:
+    search: PoseSearch, angle: float, rotated: bool, convincing: bool, keep_placement: bool,
+    trusted: bool,
+) -> list[str]:  # fmt: skip
     warnings = []
-    doubtful = rotated and not rotate and angle > WARN_ROTATION_DEG
+    doubtful = rotated and not convincing and angle > WARN_ROTATION_DEG
     if doubtful and search.similarity >= search.identity_similarity + MIN_GAIN:
         warnings.append(
             f"A rotation of {angle:.0f} degrees fits the scans better than their recorded "
@@ -187,12 +193,23 @@ def _pose_warnings(
             f"{search.identity_similarity:.2f}) but not closely enough to be trusted; the "
             "recorded orientation was kept. Check that both scans are oriented alike."
         )
+    if convincing and keep_placement:
+        warnings.append(
+            f"A rotation of {angle:.0f} degrees fits the scans clearly better than their placement "
+            f"(HU correlation {search.similarity:.2f} against {search.identity_similarity:.2f}); "
+            "the placement was kept as asked (initialisation=identity). Check it, or use "
+            "initialisation=search to let the pose search re-orient the moving scan."
+        )
     if not trusted:
         warnings.append(
             "The initial pose search found little agreement between the scans' HU; the scans may "
             "show different body regions, or one may be masked or cropped. Check the result."
         )
-    elif rotate and search.runner_up_similarity > search.similarity - AMBIGUITY:
+    elif (
+        convincing
+        and not keep_placement
+        and search.runner_up_similarity > (search.similarity - AMBIGUITY)
+    ):
         warnings.append(
             f"The scans' orientation is ambiguous: a rotation of {angle:.0f} degrees and one at "
             "least 60 degrees from it fit almost equally well. Check the result visually."

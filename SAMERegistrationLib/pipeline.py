@@ -90,7 +90,8 @@ def register(
     np.random.seed(config.seed)
 
     # The rigid pose from HU; later stages see the moving image re-oriented when it is rotated.
-    pose = find_initial_pose(fixed_image, moving_image, config.initial_pose)
+    keep_placement = config.initialisation == "identity"
+    pose = find_initial_pose(fixed_image, moving_image, config.initial_pose, keep_placement)
     moving_image = pose.moving
     clock += pose.info.get("seconds", 0.0)  # "prepare" times the reading and checks only
 

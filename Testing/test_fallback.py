@@ -7,6 +7,7 @@ import SimpleITK as sitk
 from _stage_pairs import GRID, mind_maps, shifted, textured_body
 
 from SAMERegistrationLib import register
+from SAMERegistrationLib.errors import RegistrationFailed
 from SAMERegistrationLib.grid import Grid
 from SAMERegistrationLib.initial_pose import axis_rotation
 from SAMERegistrationLib.stages.fallback import feature_agreement, overlap_share
@@ -86,22 +87,38 @@ def cropped_pair(openkbp) -> tuple[sitk.Image, sitk.Image, np.ndarray, np.ndarra
     return fixed, moving, points, points @ rotation.T + translation
 
 
-@pytest.mark.parametrize("initialisation", ["search", "identity"])
 def test_cropped_scan_registers_to_the_full_one_with_a_known_transform(
-    cropped_pair, initialisation, one_thread
+    cropped_pair, one_thread
 ) -> None:
-    """With the scanner coordinates as the start (40 mm and more off) the first matching finds
-    too few matches; a fallback start recovers the known transform as well as the first path."""
+    """The scanner coordinates are 40 mm and more off; the search finds the known transform."""
     fixed, moving, points, expected = cropped_pair
-    result = register(fixed, moving, features="mind", initialisation=initialisation, **AFFINE_ONLY)
+    result = register(fixed, moving, features="mind", **AFFINE_ONLY)
     affine = result.affine
     error = np.linalg.norm(points @ affine[:3, :3].T + affine[:3, 3] - expected, axis=1)
     assert np.mean(error) < 3.0 and np.percentile(error, 95) < 6.0, (
         np.mean(error),
         result.stages.get("fallback"),
     )
-    if initialisation == "identity":
-        assert result.stages["affine"]["fallback"] == result.stages["fallback"]["path"]
+
+
+def test_scans_registered_as_placed_keep_their_start(openkbp, cropped_pair, one_thread) -> None:
+    """initialisation=identity: the placement is the start. Placed right (the uncropped scan where
+    it was), the identity is recovered by the first path; placed 40 mm and more off (too few
+    matches there, even in the wider window), no other start replaces it: refused, saying what to
+    do."""
+    fixed, moving, points, _ = cropped_pair
+    placed = sitk.ReadImage(str(openkbp / "validation_pt_236_ct.nii.gz"))
+    result = register(fixed, placed, features="mind", initialisation="identity", **AFFINE_ONLY)
+    assert "fallback" not in result.stages
+    affine = result.affine
+    error = np.linalg.norm(points @ affine[:3, :3].T + affine[:3, 3] - points, axis=1)
+    assert np.mean(error) < 3.0, np.mean(error)
+    with pytest.raises(RegistrationFailed) as refused:
+        register(fixed, moving, features="mind", initialisation="identity", **AFFINE_ONLY)
+    message = str(refused.value)
+    assert "reliable match" in message and "twice as wide" in message
+    assert "registered as placed (initialisation=identity)" in message
+    assert "use initialisation=search" in message
 
 
 def test_masked_fixed_scan_registers_by_a_named_fallback(openkbp, one_thread) -> None:

@@ -11,7 +11,7 @@ import pytest
 import SimpleITK as sitk
 
 from SAMERegistrationLib.config import InitialPoseConfig, RegistrationConfig
-from SAMERegistrationLib.errors import ConfigError
+from SAMERegistrationLib.errors import ConfigError, RegistrationFailed
 from SAMERegistrationLib.initial_pose import (
     apply,
     axis_rotation,
@@ -122,6 +122,17 @@ def test_rotated_geometry_is_recovered(abdomen_ct, axis, degrees):
     assert rotation_angle_deg(pose.prior[:3, :3]) < 3.0
 
 
+def test_a_placement_kept_as_asked_is_not_reoriented_but_warned_about(abdomen_ct):
+    moving = moved_by_geometry(abdomen_ct, rigid(0, 90.0))
+    pose = find_initial_pose(abdomen_ct, moving, InitialPoseConfig(), keep_placement=True)
+    assert not pose.info["reoriented"] and pose.moving is moving
+    np.testing.assert_array_equal(pose.reorientation, np.eye(4))
+    assert pose.info["best_rotation_deg"] == pytest.approx(90.0, abs=3.0)
+    assert rotation_angle_deg(pose.start[:3, :3]) == 0.0  # the fallback's pose start: unrotated
+    assert any("placement was kept as asked" in w for w in pose.warnings), pose.warnings
+    assert not any("not closely enough" in w for w in pose.warnings), pose.warnings
+
+
 def test_resampled_rotation_of_a_head_and_neck_ct_is_recovered(openkbp):
     fixed = sitk.ReadImage(str(openkbp / "validation_pt_213_ct.nii.gz"), sitk.sitkFloat32)
     truth = rigid(0, 75.0) @ rigid(2, 30.0, shift=(0.0, 0.0, 0.0))
@@ -190,3 +201,20 @@ def test_registration_of_a_rotated_copy_recovers_points(abdomen_ct):
     # The correspondences are reported in the original moving space.
     matched = np.linalg.norm(result.matches.moving - apply(truth, result.matches.fixed), axis=1)
     assert np.median(matched) < 4.0
+
+
+def test_registration_as_placed_does_not_reorient_the_moving_scan(abdomen_ct):
+    """initialisation=identity on a copy turned 90 degrees and moved: the placement stays
+    the start (re-oriented, it would register); there the scans share nothing: refused."""
+    with pytest.raises(
+        RegistrationFailed, match=r"registered as placed \(initialisation=identity\)"
+    ):
+        register(
+            abdomen_ct,
+            moved_by_geometry(abdomen_ct, rigid(0, 90.0)),
+            features="mind",
+            device="cpu",
+            initialisation="identity",
+            deform__enabled=False,
+            instance__enabled=False,
+        )

@@ -491,7 +491,7 @@ def test_settings_become_the_command_line_the_library_reads():
 
     options = settings.RegistrationSettings(
         stages=("affine", "instance"), features="mind", device="cuda:1", spacing=3.0,
-        threshold=0.65, coarseIterations=7, instanceIterations=9, seed=4,
+        threshold=0.65, coarseIterations=7, instanceIterations=9, seed=4, keepPlacement=True,
     )  # fmt: skip
     args = cli._register_parser().parse_args(["f.nii", "m.nii", "-o", "out", *options.arguments()])
     config = cli.build_config(args)
@@ -503,6 +503,10 @@ def test_settings_become_the_command_line_the_library_reads():
     assert config.instance.enabled and config.features == "mind" and config.device == "cuda:1"
     assert config.working_spacing_mm == 3.0 and config.matching.similarity_threshold == 0.65
     assert (config.coarse.iterations, config.instance.iterations, config.seed) == (7, 9, 4)
+    assert config.initialisation == "identity"  # registered as placed
+    default = settings.RegistrationSettings().arguments()
+    args = cli._register_parser().parse_args(["f.nii", "m.nii", "-o", "out", *default])
+    assert cli.build_config(args).initialisation == "search"
     from SAMERegistrationModuleLib import job
 
     assert job.STEPS is STEPS and settings.STAGES is STAGES  # one vocabulary, imported
@@ -772,9 +776,16 @@ def test_a_transform_already_on_the_moving_volume_is_refused_clearly(scene, run)
     volume = add_volume(scene, run.pair.moving, "moving under a transform")
     volume.SetAndObserveTransformNodeID(users.GetID())
     before = snapshot(scene)
-    with pytest.raises(InvalidInput, match="under the transform 'the user's transform'.*harden"):
+    with pytest.raises(
+        InvalidInput, match="under the transform 'the user's transform'.*harden"
+    ) as refused:
         registration.register(run.fixed, volume, waitForCompletion=True, **SETTINGS)
     assert snapshot(scene) == before
+    # The option it names is on the panel, under that name.
+    option = "Start from the moving volume's placement"
+    assert f"tick '{option}'" in str(refused.value)
+    ui = ET.parse(MODULE_DIR / "Resources" / "UI" / "SAMERegistration.ui").getroot()
+    assert option in {text.text for text in ui.iter("string")}
     # Chosen as the output transform, it is replaced on purpose: no refusal.
     registration.checkInputs(run.fixed, volume, outputs=settings.RegistrationOutputs(users))
     for node in (volume, users):

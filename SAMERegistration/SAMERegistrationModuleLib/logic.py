@@ -81,7 +81,8 @@ class RegistrationLogic:
         """Register ``moving`` to ``fixed`` (scalar volume nodes) in a child process.
 
         Keyword settings are the fields of RegistrationSettings (stages, features, device,
-        spacing, threshold, coarseIterations, instanceIterations, weights, deformWeights, seed).
+        spacing, threshold, coarseIterations, instanceIterations, weights, deformWeights, seed,
+        keepPlacement).
         Outputs: the transform node is created when not given; other outputs are made only for
         the nodes given. ``outputInverseTransform`` (a vtkMRMLTransformNode) gets the inverse
         map, for fixed-space data to be shown in moving space. With ``waitForCompletion`` the call returns the completed job or raises
@@ -315,8 +316,9 @@ def _checkMovingTransform(moving, outputTransform) -> None:
     raise InvalidInput(
         f"The moving volume '{moving.GetName()}' is under the transform '{parent.GetName()}', "
         "which the registration would replace. To start from it, harden it (Data module: "
-        "right-click the transform, Harden transform); otherwise remove it, or choose it as "
-        "the output transform to overwrite it."
+        "right-click the transform, Harden transform) and tick 'Start from the moving volume's "
+        "placement' (Advanced); otherwise remove it, or choose it as the output transform to "
+        "overwrite it."
     )
 
 

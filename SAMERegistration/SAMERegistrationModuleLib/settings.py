@@ -35,6 +35,9 @@ class RegistrationSettings:
     weights: str | None = None  # SAM checkpoint
     deformWeights: str | None = None  # SAM-deform network weights
     seed: int | None = None
+    # Register the volumes as placed (e.g. the moving one aligned by hand, its transform hardened)
+    # instead of searching the start.
+    keepPlacement: bool = False
 
     def check(self) -> None:
         stages = tuple(self.stages)
@@ -81,6 +84,8 @@ class RegistrationSettings:
         ):
             if value is not None:
                 args += ["--set", f"{key}={json.dumps(value)}"]
+        if self.keepPlacement:
+            args += ["--set", 'initialisation="identity"']
         return args
 
 

@@ -7,7 +7,8 @@ then too few matches are found. Before refusing, other starts are tried, each wi
 widened when it finds too few matches; each candidate affine is measured by how much of the
 smaller body the two bodies share under it and by how well the local features agree there, and the
 best that passes the first path's own checks is kept. When none passes, the first refusal stands:
-scans of unrelated anatomy are still refused with their original error.
+scans of unrelated anatomy are still refused with their original error. Scans registered as placed
+(``initialisation=identity``) keep their start: only the wider window is tried around it.
 """
 
 from __future__ import annotations
@@ -117,11 +118,15 @@ def feature_agreement(fixed: FeatureMaps, moving: FeatureMaps, matrix: np.ndarra
 
 
 def starts(
-    fixed: FeatureMaps, moving: FeatureMaps, first: np.ndarray, pose: np.ndarray | None
-) -> list[tuple[str, np.ndarray]]:
+    fixed: FeatureMaps, moving: FeatureMaps, first: np.ndarray, pose: np.ndarray | None,
+    keep_placement: bool = False,
+) -> list[tuple[str, np.ndarray]]:  # fmt: skip
     """Distinct starting translations: the first one (searched again in a wider window), the
-    translation search with stricter overlaps, and the HU pose however weak its fit."""
+    translation search with stricter overlaps, and the HU pose however weak its fit; only the
+    first with ``keep_placement``."""
     found = [("first start, wider window", first)]
+    if keep_placement:
+        return found
     for min_overlap in SEARCH_OVERLAPS:
         matrix, info = initial.search_translation(fixed, moving, min_overlap)
         if np.isfinite(info["similarity"]):
@@ -178,13 +183,21 @@ def run(
     ``context.matches``. The info names every path tried, what it measured and which was kept.
     """
     tried = []
-    for path, start in starts(fixed_maps, moving_maps, alignment.affine, context.pose_start):
+    keep_placement = config.initialisation == "identity"
+    found = starts(fixed_maps, moving_maps, alignment.affine, context.pose_start, keep_placement)
+    for path, start in found:
         candidate = try_start(path, start, fixed_maps, moving_maps, alignment, config, context)
         log.info("fallback %s: %s", path, candidate.report())
         tried.append(candidate)
     passing = [c for c in tried if c.passes(config.matching.min_match_share)]
     info = {"reason": str(refusal), "tried": [c.report() for c in tried]}
     if not passing:
+        if keep_placement:
+            raise RegistrationFailed(
+                f"{refusal} A window twice as wide around the start did not help. The scans "
+                "were registered as placed (initialisation=identity): check their placement, or "
+                "use initialisation=search to let the search find the start."
+            )
         raise RegistrationFailed(f"{refusal} (alternatives tried: {len(tried)}, none passed)")
     best = max(passing, key=lambda c: c.agreement)
     context.matches = best.matches
