@@ -257,7 +257,13 @@ def _match_and_fit(
 
 
 def _check_shared_anatomy(matches, min_share: float) -> None:
-    share = len(matches) / max(matches.queried, 1)
+    if matches.queried == 0:
+        raise RegistrationFailed(
+            "Under the initial alignment no part of the moving body lies on the fixed body, so "
+            "no point could be matched. The scans probably show different anatomy, or, registered "
+            "as placed, are placed apart. Check the inputs and their placement."
+        )
+    share = len(matches) / matches.queried
     if share < min_share:
         raise RegistrationFailed(
             f"Only {share:.0%} of the {matches.queried} points sampled in the moving image found a "
