@@ -196,6 +196,11 @@ class RegistrationConfig:
             node[leaf] = value
         return RegistrationConfig.from_dict(data)
 
+    @property
+    def keeps_placement(self) -> bool:
+        """Whether the scans are registered as placed (``initialisation`` "identity")."""
+        return self.initialisation == "identity"
+
     def validate(self) -> None:
         if self.features not in FEATURES:
             raise ConfigError(f"features must be one of {FEATURES}, not '{self.features}'.")

@@ -90,8 +90,7 @@ def register(
     np.random.seed(config.seed)
 
     # The rigid pose from HU; later stages see the moving image re-oriented when it is rotated.
-    keep_placement = config.initialisation == "identity"
-    pose = find_initial_pose(fixed_image, moving_image, config.initial_pose, keep_placement)
+    pose = find_initial_pose(fixed_image, moving_image, config.initial_pose, config.keeps_placement)
     moving_image = pose.moving
     clock += pose.info.get("seconds", 0.0)  # "prepare" times the reading and checks only
 

@@ -183,7 +183,7 @@ def run(
     ``context.matches``. The info names every path tried, what it measured and which was kept.
     """
     tried = []
-    keep_placement = config.initialisation == "identity"
+    keep_placement = config.keeps_placement
     found = starts(fixed_maps, moving_maps, alignment.affine, context.pose_start, keep_placement)
     for path, start in found:
         candidate = try_start(path, start, fixed_maps, moving_maps, alignment, config, context)
