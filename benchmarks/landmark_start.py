@@ -105,9 +105,11 @@ def landmark_pose(
     fixed_labels: sitk.Image, moving_labels: sitk.Image
 ) -> tuple[np.ndarray, float, int]:
     """The rigid fixed -> moving pose of the shared landmarks, their mean residual (mm) and count."""
+    from SAMERegistrationLib.initial_pose import apply
+
     f, m = shared_landmarks(fixed_labels, moving_labels)
     pose = rigid_fit(f, m)
-    return pose, landmark_error(f, m, f @ pose[:3, :3].T + pose[:3, 3]), len(f)
+    return pose, landmark_error(f, m, apply(pose, f)), len(f)
 
 
 def registered(case: dict, overrides: dict) -> RegistrationResult | str:
@@ -135,7 +137,7 @@ def score_pair(case: dict, overrides: dict) -> dict:
 
     from SAMERegistrationLib.config import InitialPoseConfig
     from SAMERegistrationLib.evaluate import dice_per_label, mean_dice
-    from SAMERegistrationLib.initial_pose import reorient
+    from SAMERegistrationLib.initial_pose import apply, reorient
 
     fixed_labels = sitk.ReadImage(case["fixed_labels"])
     moving_labels = sitk.ReadImage(case["moving_labels"])
@@ -167,22 +169,21 @@ def score_pair(case: dict, overrides: dict) -> dict:
         k: v.metrics["mean_dice_after"] if hasattr(v, "metrics") else v for k, v in runs.items()
     }
     hu = {"landmark pose": hu_similarity(case, pose, InitialPoseConfig().spacing_mm)}
+    errors = {"landmark pose": residual}
     if hasattr(own, "stages"):
         hu["own pose"] = own.stages["initial_pose"]["similarity"]
+        # How far the pipeline's own pose, affine and whole map leave the organs' landmarks.
+        f, m = shared_landmarks(fixed_labels, moving_labels)
+        own_pose = np.array(own.stages["initial_pose"]["pose_matrix"])
+        errors["own pose"] = landmark_error(f, m, apply(own_pose, f))
+        errors["own affine"] = landmark_error(f, m, apply(own.affine, f))
+        errors["own result"] = landmark_error(f, m, own.map_points(f))
     # Whether the images themselves prefer the landmark start: the local NCC they reach.
     final = {
         k: v.stages["instance"].get("similarity_after")
         for k, v in runs.items()
         if hasattr(v, "stages")
     }
-    # How far the pipeline's own pose, affine and whole map leave the organs' landmarks.
-    f, m = shared_landmarks(fixed_labels, moving_labels)
-    errors = {"landmark pose": residual}
-    if hasattr(own, "stages"):
-        own_pose = np.array(own.stages["initial_pose"]["pose_matrix"])
-        errors["own pose"] = landmark_error(f, m, f @ own_pose[:3, :3].T + own_pose[:3, 3])
-        errors["own affine"] = landmark_error(f, m, f @ own.affine[:3, :3].T + own.affine[:3, 3])
-        errors["own result"] = landmark_error(f, m, own.map_points(f))
     return {
         "landmarks": count, "residual_mm": residual, "pose": pose.tolist(), "dice": dice,
         "hu_similarity": hu, "final_local_ncc": final, "landmark_error_mm": errors,
@@ -235,7 +236,8 @@ def main(argv: list[str] | None = None) -> int:
         table.append([pair, errors, *dice, *hu, *final])
         print(f"{fixed} <- {moving}: " + ", ".join(f"{r} {d}" for r, d in zip(ROWS, dice)))
     head = [
-        "pair", "landmark error mm: landmark pose / own pose / own result", *ROWS, "HU NCC own pose", "HU NCC landmark pose",
+        "pair", "landmark error mm: landmark pose / own pose / own result", *ROWS,
+        "HU NCC own pose", "HU NCC landmark pose",
         "final local NCC own start", "final local NCC from landmark pose",
     ]  # fmt: skip
     text = markdown_table(head, table)
